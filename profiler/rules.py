@@ -1,0 +1,90 @@
+"""Every threshold and regime rule of attnprof, in one place.
+
+The regime table is read top to bottom; the first rule whose condition holds names the head.
+Gate thresholds are the defaults of the CLI flags `--max-model-dgamma`, `--max-shifted-heads`
+and `--max-regime-flips` (see DESIGN.md §6 and the README).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# --- fit ------------------------------------------------------------------------------------
+FIT_D_MIN = 16              # first distance of the fit range
+FIT_BINS_PER_OCTAVE = 4     # log-spaced bins between FIT_D_MIN and d_max = T - W
+BOOTSTRAP_SAMPLES = 200     # percentile bootstrap over probes
+CI_LEVEL = 0.95
+PROFILE_FLOOR = 1e-30       # A(d) below this is treated as this (log of 0 is undefined)
+# R^2 is undefined for a profile that does not vary; a poor R^2 only marks a head "irregular"
+# when the residual scatter around the power law is also material (RMS of ln A).
+IRREGULAR_MIN_RESIDUAL_RMS = 0.10
+
+# --- regimes ----------------------------------------------------------------------------------
+SINK_MASS_MIN = 0.5
+LOCAL_MASS_MIN = 0.5
+LOCAL_MAX_DISTANCE = 2
+IRREGULAR_R2_MAX = 0.5
+FLAT_GAMMA_MAX = 0.2
+CRITICAL_GAMMA_LO = 0.95
+CRITICAL_GAMMA_HI = 1.05
+
+
+@dataclass(frozen=True)
+class RegimeRule:
+    label: str
+    rule: str          # human-readable condition, shown in the README and the report
+    taf_name: str = ""
+
+
+REGIME_RULES: tuple[RegimeRule, ...] = (
+    RegimeRule("sink", f"sink mass >= {SINK_MASS_MIN}"),
+    RegimeRule("local", f"local mass (d <= {LOCAL_MAX_DISTANCE}) >= {LOCAL_MASS_MIN}"),
+    RegimeRule("irregular", f"power-law R^2 < {IRREGULAR_R2_MAX} and residual RMS(ln A) > "
+                            f"{IRREGULAR_MIN_RESIDUAL_RMS}"),
+    RegimeRule("flat", f"gamma < {FLAT_GAMMA_MAX}"),
+    RegimeRule("long-range", f"{FLAT_GAMMA_MAX} <= gamma < {CRITICAL_GAMMA_LO}", "phase A (deconfined)"),
+    RegimeRule("critical", f"{CRITICAL_GAMMA_LO} <= gamma <= {CRITICAL_GAMMA_HI}", "Hagedorn crossover"),
+    RegimeRule("short-range", f"gamma > {CRITICAL_GAMMA_HI}", "phase B (confined)"),
+)
+REGIMES: tuple[str, ...] = tuple(r.label for r in REGIME_RULES)
+
+
+def regime_label(gamma: float, r2: float, residual_rms: float, sink_mass: float,
+                 local_mass: float) -> str:
+    """The first rule of REGIME_RULES that holds for one head."""
+    if sink_mass >= SINK_MASS_MIN:
+        return "sink"
+    if local_mass >= LOCAL_MASS_MIN:
+        return "local"
+    if r2 < IRREGULAR_R2_MAX and residual_rms > IRREGULAR_MIN_RESIDUAL_RMS:
+        return "irregular"
+    if gamma < FLAT_GAMMA_MAX:
+        return "flat"
+    if gamma < CRITICAL_GAMMA_LO:
+        return "long-range"
+    if gamma <= CRITICAL_GAMMA_HI:
+        return "critical"
+    return "short-range"
+
+
+# --- model level: closed-form RoPE prediction -------------------------------------------------
+PADE_RELATIVE_TOLERANCE = 0.15   # |gamma_obs - gamma_pade| / gamma_pade above this is flagged
+
+# --- diff and gate ----------------------------------------------------------------------------
+SHIFT_MIN_ABS_DGAMMA = 0.05      # a head has shifted when its CI excludes 0 and |dgamma| >= this
+
+
+@dataclass(frozen=True)
+class GateThresholds:
+    """The regression gate. Any value exceeded -> verdict "regression" (exit 1)."""
+    max_model_dgamma: float = 0.05     # |model-level delta gamma|
+    max_shifted_heads: float = 0.10    # fraction of heads that shifted
+    max_regime_flips: float = 0.10     # fraction of heads whose regime label changed
+
+
+# --- weights ----------------------------------------------------------------------------------
+RANK_ENERGY = 0.90                 # rank90: smallest k whose top-k singular values hold 90% of ||dW||_F^2
+RANK_WELL_ABOVE_ADAPTER = 2.0      # signal rank > this x adapter rank -> "not a pure LoRA merge"
+
+# --- adapter check ----------------------------------------------------------------------------
+SCALING_HIGH = 4.0
+SCALING_LOW = 0.25
