@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 SIGNIFICANT_DIGITS = 6
+NOT_JSON = {"json": False}
 
 
 def plain(value: Any) -> Any:
@@ -48,11 +49,14 @@ def dumps(data: Any) -> str:
 
 
 class Result:
-    """Mixin for result dataclasses. Subclasses may override `rows()` for `.to_frame()`."""
+    """Mixin for result dataclasses. Subclasses may override `rows()` for `.to_frame()`.
+
+    Fields declared with `field(metadata=NOT_JSON)` (large arrays) are kept out of the JSON.
+    """
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self)  # type: ignore[arg-type]
-                if not f.name.startswith("_")}
+                if f.metadata.get("json", True)}
 
     def to_json(self) -> str:
         return dumps(self.to_dict())

@@ -1,0 +1,230 @@
+"""Capture: reduce every layer's attention to per-head distance statistics during the forward pass.
+
+The streaming path registers an attention function named "attnprof" with transformers'
+`AttentionInterface`. Each attention layer hands it post-RoPE queries (B, H, T, D) and keys
+(B, KV, T, D); it computes the statistics for the last W queries (the tail window), then returns
+the normal SDPA output, so the forward pass is the model's own. Memory is O(W·T) per block of
+heads; no T×T map is ever built. The fallback path hooks eager attention modules and reduces the
+weights they return with the same reduction; the two agree (tests/test_capture.py).
+
+Tail-window estimator, for a probe of length T and queries i in [T-W, T):
+    A_h(d) = mean_i softmax_j(q_i·k_j·scale)[j = i-d],   0 <= d <= T-W
+plus the mass on key 0 (sink), on d <= 2 (local) and the row entropy / ln(visible keys).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from . import rules
+from .errors import AttnprofError
+
+ATTN_NAME = "attnprof"
+HEAD_BLOCK_BYTES = 64 * 2**20     # scores of one head block stay under this
+ESTIMATORS = ("tail", "dense", "taf")
+
+
+def default_window(length: int) -> int:
+    """W = min(256, T/8): enough queries to average, all seeing nearly the same context."""
+    return max(1, min(256, length // 8))
+
+
+@dataclass
+class LayerStats:
+    """Statistics of one layer for a batch: A (B, H, M), sink/local/entropy (B, H)."""
+    A: torch.Tensor
+    sink: torch.Tensor
+    local: torch.Tensor
+    entropy: torch.Tensor
+
+
+def _visible_tail(mask: torch.Tensor | None, length: int, window: int, device) -> torch.Tensor:
+    """Boolean (B|1, 1|H, W, T) visibility of keys for the tail queries (True = attended)."""
+    if mask is None:
+        rows = torch.arange(length - window, length, device=device)[:, None]
+        return (torch.arange(length, device=device)[None, :] <= rows)[None, None]
+    tail = mask[..., length - window:, :length]
+    if tail.dtype == torch.bool:
+        return tail
+    return tail > torch.finfo(tail.dtype).min / 2
+
+
+def reduce_tail(probs: torch.Tensor, visible: torch.Tensor) -> LayerStats:
+    """Reduce tail-query attention rows (B, H, W, T) to distance statistics (float32)."""
+    _, _, window, length = probs.shape
+    span = length - window + 1
+    rows = torch.arange(window, device=probs.device)[:, None]
+    index = (length - window + rows - torch.arange(span, device=probs.device)[None, :])
+    A = probs.gather(-1, index.expand(*probs.shape[:2], window, span)).mean(dim=2)
+    sink = probs[..., 0].mean(dim=-1)
+    local = A[..., : rules.LOCAL_MAX_DISTANCE + 1].sum(dim=-1)
+    plogp = torch.where(probs > 0, probs * torch.log(probs.clamp_min(1e-45)), torch.zeros_like(probs))
+    n_visible = visible.sum(dim=-1).clamp_min(2).to(probs.dtype)
+    entropy = (-plogp.sum(dim=-1) / torch.log(n_visible)).mean(dim=-1)
+    return LayerStats(A, sink, local, entropy)
+
+
+def tail_stats(query: torch.Tensor, key: torch.Tensor, scaling: float, mask: torch.Tensor | None,
+               window: int) -> LayerStats:
+    """Tail-window statistics straight from post-RoPE queries and (unexpanded GQA) keys."""
+    batch, heads, length, dim = query.shape
+    groups = heads // key.shape[1]
+    visible = _visible_tail(mask, length, window, query.device)
+    block = max(1, min(heads, HEAD_BLOCK_BYTES // max(1, batch * window * length * 4)))
+    parts = []
+    for h0 in range(0, heads, block):
+        h1 = min(heads, h0 + block)
+        q = query[:, h0:h1, length - window:, :].float()
+        k = key[:, torch.arange(h0, h1, device=key.device) // groups].float()
+        scores = torch.matmul(q, k.transpose(-1, -2)) * scaling
+        vis = visible if visible.shape[1] == 1 else visible[:, h0:h1]
+        scores = scores.masked_fill(~vis, float("-inf"))
+        parts.append(reduce_tail(torch.softmax(scores, dim=-1), vis))
+    return LayerStats(*(torch.cat([getattr(p, f) for p in parts], dim=1)
+                        for f in ("A", "sink", "local", "entropy")))
+
+
+class Recorder:
+    """Collects one forward pass's per-layer statistics, keyed by layer index."""
+
+    def __init__(self, estimator: str, window: int):
+        self.estimator = estimator
+        self.window = window
+        self.layers: dict[int, LayerStats] = {}
+        self._calls = 0
+
+    def layer_index(self, module: torch.nn.Module) -> int:
+        idx = getattr(module, "layer_idx", None)
+        if idx is None:
+            idx = self._calls
+        self._calls += 1
+        return int(idx)
+
+    def record(self, module, query, key, mask, scaling, sliding_window=None) -> None:
+        idx = self.layer_index(module)
+        stats = tail_stats(query, key, scaling, mask, self.window)
+        if self.estimator == "dense":
+            from .dense import dense_profile
+            stats.A = dense_profile(query, key, scaling, sliding_window=sliding_window)
+        _store(self, idx, stats)
+
+
+_ACTIVE: list[Recorder] = []
+
+
+def _attnprof_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
+                        scaling: float | None = None, **kwargs):
+    """The registered attention function: record statistics, then run the model's SDPA attention."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    if _ACTIVE:
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        _ACTIVE[-1].record(module, query, key, attention_mask, scale, kwargs.get("sliding_window"))
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                  scaling=scaling, **kwargs)
+
+
+def register() -> str:
+    """Register the "attnprof" attention (and its SDPA-style mask) with transformers; idempotent."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    AttentionInterface.register(ATTN_NAME, _attnprof_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_NAME, sdpa_mask)
+    return ATTN_NAME
+
+
+@contextlib.contextmanager
+def recording(recorder: Recorder) -> Iterator[Recorder]:
+    _ACTIVE.append(recorder)
+    try:
+        yield recorder
+    finally:
+        _ACTIVE.remove(recorder)
+
+
+def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The outermost modules whose class name ends in "Attention", in model order."""
+    found = [(n, m) for n, m in model.named_modules() if type(m).__name__.endswith("Attention")]
+    return [m for n, m in found if not any(o != n and n.startswith(o + ".") for o, _ in found)]
+
+
+def _store(recorder: Recorder, idx: int, stats: LayerStats) -> None:
+    if not torch.isfinite(stats.A).all():
+        raise AttnprofError(f"NaN or inf in the attention of layer {idx}: the model's weights or "
+                            "inputs are broken (try --dtype float32)")
+    recorder.layers[idx] = LayerStats(*(t.detach().float().cpu() for t in
+                                        (stats.A, stats.sink, stats.local, stats.entropy)))
+
+
+@contextlib.contextmanager
+def eager_hooks(model: torch.nn.Module, recorder: Recorder) -> Iterator[Recorder]:
+    """Fallback: forward hooks on eager attention modules reduce the weights they return."""
+    def hook(module, args, kwargs, output):
+        weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+        if weights is None:
+            raise AttnprofError(f"{type(module).__name__} returned no attention weights: load the "
+                                "model with attn_implementation='eager'")
+        length, window = weights.shape[-1], recorder.window
+        visible = _visible_tail(kwargs.get("attention_mask"), length, window, weights.device)
+        probs = weights[:, :, length - window:, :].float()
+        _store(recorder, recorder.layer_index(module), reduce_tail(probs, visible))
+
+    handles = [m.register_forward_hook(hook, with_kwargs=True) for m in attention_modules(model)]
+    if not handles:
+        raise AttnprofError(f"{type(model).__name__}: no attention modules found to hook")
+    try:
+        yield recorder
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@dataclass
+class Capture:
+    """Per-probe arrays of one model: A (N, L, H, M), sink/local/entropy (N, L, H)."""
+    A: np.ndarray
+    sink: np.ndarray
+    local: np.ndarray
+    entropy: np.ndarray
+    distances: np.ndarray
+
+
+def _stack(recorders: list[Recorder], num_layers: int) -> dict[str, np.ndarray]:
+    out = {}
+    for field in ("A", "sink", "local", "entropy"):
+        per_probe = []
+        for rec in recorders:
+            if sorted(rec.layers) != list(range(num_layers)):
+                raise AttnprofError(f"captured {len(rec.layers)} of {num_layers} attention layers: "
+                                    "this architecture routes attention in a way attnprof cannot see")
+            per_probe.append(torch.stack([getattr(rec.layers[i], field) for i in range(num_layers)], dim=1))
+        out[field] = torch.cat(per_probe, dim=0).numpy()
+    return out
+
+
+def capture(model: torch.nn.Module, input_ids: np.ndarray, *, window: int, estimator: str = "tail",
+            path: str = "stream", progress: Callable[[int], None] | None = None) -> Capture:
+    """Run every probe (one forward pass each) and return the per-probe statistics.
+
+    path="stream" needs the model loaded with attn_implementation="attnprof" (see register());
+    path="hooks" needs attn_implementation="eager".
+    """
+    if estimator not in ("tail", "dense"):
+        raise AttnprofError(f"estimator {estimator!r} is not a streaming estimator")
+    num_layers = model.config.get_text_config().num_hidden_layers
+    device = next(model.parameters()).device
+    recorders = []
+    for n in range(len(input_ids)):
+        rec = Recorder(estimator, window)
+        ids = torch.as_tensor(input_ids[n : n + 1], device=device)
+        ctx = recording(rec) if path == "stream" else eager_hooks(model, rec)
+        with ctx, torch.inference_mode():
+            model(input_ids=ids, use_cache=False, logits_to_keep=1)
+        recorders.append(rec)
+        if progress:
+            progress(1)
+    arrays = _stack(recorders, num_layers)
+    return Capture(distances=np.arange(arrays["A"].shape[-1]), **arrays)

@@ -1,0 +1,42 @@
+"""Shared fixtures: tiny random-weight models (no downloads) and the real demo model."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def tiny_config(kind: str = "llama", **overrides):
+    """A small random-weight decoder config; GQA when num_key_value_heads < num_attention_heads."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    base = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
+                rope_theta=10000.0, tie_word_embeddings=False)
+    base.update(overrides)
+    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[kind]
+    return cls(**base)
+
+
+def tiny_model(kind: str = "llama", seed: int = 0, attn_implementation: str = "sdpa", **overrides):
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(seed)
+    config = tiny_config(kind, **overrides)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation,
+                                             dtype=torch.float32)
+    # random init is near-uniform attention; sharpen q/k so profiles have structure
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                p.mul_(6.0)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def demo_dir() -> Path:
+    """The real SmolLM2-135M-Instruct, converted once from the bundled GGUF."""
+    from profiler.demo_model import demo_model_dir
+    return demo_model_dir()

@@ -1,0 +1,94 @@
+"""The streaming capture against eager attention weights (the oracle) and the hook fallback."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_model
+from profiler import capture as cap
+
+
+def eager_oracle(model, input_ids: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray]:
+    """A_h(d) and sink mass from the full maps that eager attention returns with output_attentions."""
+    model.set_attn_implementation("eager")
+    out, sinks = [], []
+    for row in input_ids:
+        with torch.no_grad():
+            att = model(input_ids=torch.as_tensor(row[None]), output_attentions=True).attentions
+        length = row.shape[0]
+        per_layer, sink = [], []
+        for a in att:                                   # (1, H, T, T)
+            tail = a[0, :, length - window:, :].double()
+            prof = np.zeros((a.shape[1], length - window + 1))
+            for r in range(window):
+                i = length - window + r
+                for d in range(length - window + 1):
+                    prof[:, d] += tail[:, r, i - d].numpy()
+            per_layer.append(prof / window)
+            sink.append(tail[:, :, 0].mean(-1).numpy())
+        out.append(per_layer)
+        sinks.append(sink)
+    return np.array(out), np.array(sinks)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2], ids=["MHA", "GQA"])
+def test_stream_and_hooks_equal_eager_weights(kv_heads):
+    model = tiny_model(num_key_value_heads=kv_heads)
+    rng = np.random.default_rng(1)
+    ids = rng.integers(0, 300, size=(2, 96))
+    window = 12
+    oracle, oracle_sink = eager_oracle(model, ids, window)
+
+    cap.register()
+    model.set_attn_implementation(cap.ATTN_NAME)
+    stream = cap.capture(model, ids, window=window)
+    model.set_attn_implementation("eager")
+    hooks = cap.capture(model, ids, window=window, path="hooks")
+
+    assert stream.A.shape == (2, 2, 4, 96 - window + 1)
+    assert np.abs(stream.A - oracle).max() <= 1e-5
+    assert np.abs(hooks.A - oracle).max() <= 1e-5
+    assert np.abs(stream.sink - hooks.sink).max() <= 1e-5
+    assert np.abs(stream.entropy - hooks.entropy).max() <= 1e-5
+    assert np.allclose(stream.sink, oracle_sink, atol=1e-5)
+    assert np.allclose(stream.local, oracle[..., :3].sum(-1), atol=1e-5)
+
+
+def test_sliding_window_mask_is_respected():
+    model = tiny_model("mistral", sliding_window=16, num_key_value_heads=2)
+    ids = np.random.default_rng(2).integers(0, 300, size=(1, 80))
+    cap.register()
+    model.set_attn_implementation(cap.ATTN_NAME)
+    stream = cap.capture(model, ids, window=10)
+    assert np.abs(stream.A[..., 16:]).max() == 0.0          # keys outside the window get nothing
+    oracle, _ = eager_oracle(model, ids, 10)
+    assert np.abs(stream.A - oracle).max() <= 1e-5
+
+
+def test_uniform_attention_gives_a_flat_profile():
+    """Equal logits: the tail window sees the same key range for every d, so A(d) is flat."""
+    length, window = 256, 32
+    q = torch.zeros(1, 3, length, 8)
+    k = torch.randn(1, 3, length, 8)
+    stats = cap.tail_stats(q, k, 1.0, None, window)
+    A = stats.A[0].numpy()
+    assert np.allclose(A, A[:, :1], rtol=1e-6)
+    expected = np.mean(1.0 / (np.arange(length - window, length) + 1))
+    assert np.allclose(A, expected, rtol=1e-5)
+    assert np.allclose(stats.entropy.numpy(), 1.0, atol=1e-5)
+
+
+def test_memory_is_bounded_per_head_block():
+    """A long probe with many heads is processed in head blocks whose scores fit the budget."""
+    length, window, heads = 4096, 256, 64
+    q = torch.randn(1, heads, length, 16)
+    k = torch.randn(1, 8, length, 16)
+    stats = cap.tail_stats(q, k, 0.25, None, window)
+    assert stats.A.shape == (1, heads, length - window + 1)
+    block = cap.HEAD_BLOCK_BYTES // (window * length * 4)
+    assert block < heads                                      # several blocks were needed
+    full = torch.softmax((q[:, :, -window:] @ k.repeat_interleave(8, 1).transpose(-1, -2) * 0.25)
+                         .masked_fill(torch.ones(window, length, dtype=torch.bool)
+                                      .tril(length - window).logical_not(), float("-inf")), -1)
+    assert torch.allclose(stats.sink[0], full[0, :, :, 0].mean(-1), atol=1e-6)
