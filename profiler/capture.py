@@ -228,3 +228,40 @@ def capture(model: torch.nn.Module, input_ids: np.ndarray, *, window: int, estim
             progress(1)
     arrays = _stack(recorders, num_layers)
     return Capture(distances=np.arange(arrays["A"].shape[-1]), **arrays)
+
+
+TAF_DISTANCES = (10, 20, 30, 50, 100, 200, 500, 1000, 2000)
+TAF_PREFIX = 50          # the protocol's sequence length is d + 50
+TAF_FIT_D_MIN = 30
+
+
+def capture_taf(model: torch.nn.Module, input_ids: np.ndarray, *,
+                distances: tuple[int, ...] = TAF_DISTANCES,
+                progress: Callable[[int], None] | None = None) -> Capture:
+    """The TAF diagnose protocol: for each distance d, a prompt of d+50 tokens, the last query's
+    attention to the key d back, one forward pass per (prompt, distance). Kept for comparison with
+    published TAF numbers; it costs one forward pass per distance."""
+    length = input_ids.shape[1]
+    usable = [d for d in distances if d + TAF_PREFIX <= length]
+    if len([d for d in usable if d >= TAF_FIT_D_MIN]) < 2:
+        raise AttnprofError(f"the TAF protocol needs probes of at least {TAF_FIT_D_MIN + 20 + TAF_PREFIX} "
+                            f"tokens (got {length})")
+    num_layers = model.config.get_text_config().num_hidden_layers
+    device = next(model.parameters()).device
+    per_probe = {f: [] for f in ("A", "sink", "local", "entropy")}
+    for row in input_ids:
+        columns, last = [], None
+        for d in usable:
+            rec = Recorder("tail", window=1)
+            ids = torch.as_tensor(row[None, : d + TAF_PREFIX], device=device)
+            with recording(rec), torch.inference_mode():
+                model(input_ids=ids, use_cache=False, logits_to_keep=1)
+            stacked = _stack([rec], num_layers)
+            columns.append(stacked["A"][..., d])
+            last = stacked
+            if progress:
+                progress(1)
+        per_probe["A"].append(np.stack(columns, axis=-1))
+        for f in ("sink", "local", "entropy"):
+            per_probe[f].append(last[f])
+    return Capture(distances=np.asarray(usable), **{f: np.concatenate(v) for f, v in per_probe.items()})

@@ -18,9 +18,13 @@ from . import rules
 
 @dataclass(frozen=True)
 class Bins:
-    """Log-spaced distance bins: bin k averages the distances lo[k] <= d < hi[k]."""
+    """Distance bins: bin k averages the distances lo[k] <= d < hi[k].
+
+    `weights` overrides the default weight (width in ln d), e.g. equal weights for the point
+    distances of the TAF protocol."""
     lo: np.ndarray
     hi: np.ndarray
+    weights: np.ndarray | None = None
 
     @property
     def log_center(self) -> np.ndarray:
@@ -33,8 +37,8 @@ class Bins:
 
     @property
     def weight(self) -> np.ndarray:
-        """Width of each bin in ln d (the WLS weight)."""
-        return np.log(self.hi / self.lo)
+        """The WLS weight of each bin: its width in ln d unless given."""
+        return np.log(self.hi / self.lo) if self.weights is None else self.weights
 
 
 def log_bins(d_min: int, d_max: int, per_octave: int = rules.FIT_BINS_PER_OCTAVE) -> Bins:
@@ -47,6 +51,12 @@ def log_bins(d_min: int, d_max: int, per_octave: int = rules.FIT_BINS_PER_OCTAVE
     edges = edges[edges < d_max + 1]
     edges = np.append(edges, d_max + 1)
     return Bins(lo=edges[:-1].astype(float), hi=edges[1:].astype(float))
+
+
+def point_bins(distances: np.ndarray) -> Bins:
+    """One bin per given distance, equally weighted (an ordinary least-squares fit on points)."""
+    d = np.asarray(distances, dtype=float)
+    return Bins(lo=d, hi=d + 1, weights=np.ones_like(d))
 
 
 def bin_profile(A: np.ndarray, bins: Bins, distances: np.ndarray | None = None) -> np.ndarray:
