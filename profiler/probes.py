@@ -18,6 +18,7 @@ import hashlib
 import importlib
 import json
 import pydoc
+import re
 import sysconfig
 import warnings
 from dataclasses import dataclass
@@ -65,6 +66,21 @@ class ProbeSet:
                 "sources": list(self.sources)}
 
 
+MACHINE_SPECIFIC_SECTIONS = ("DATA", "FILE", "MODULE REFERENCE")
+
+
+def _drop_sections(doc: str, names: tuple[str, ...] = MACHINE_SPECIFIC_SECTIONS) -> str:
+    """Remove pydoc sections whose text depends on the machine (module data such as os.environ,
+    file paths), so the corpus is the same everywhere and leaks nothing of the environment."""
+    kept, skipping = [], False
+    for line in doc.splitlines():
+        if line and not line[0].isspace() and line.isupper():
+            skipping = line.strip() in names
+        if not skipping:
+            kept.append(line)
+    return "\n".join(kept)
+
+
 @functools.lru_cache(maxsize=4)
 def stdlib_docs() -> str:
     """Plain-text pydoc of the fixed standard-library module list, concatenated."""
@@ -73,10 +89,13 @@ def stdlib_docs() -> str:
         warnings.simplefilter("ignore")
         for name in STDLIB_DOC_MODULES:
             try:
-                parts.append(pydoc.render_doc(importlib.import_module(name), renderer=pydoc.plaintext))
+                doc = pydoc.render_doc(importlib.import_module(name), renderer=pydoc.plaintext)
             except Exception:
                 continue
-    return "\n\n".join(parts)
+            parts.append(_drop_sections(doc))
+    # object reprs carry memory addresses ("<object at 0x7f...>"): mask them so the corpus is
+    # the same in every process
+    return re.sub(r" at 0x[0-9a-fA-F]+", " at 0x…", "\n\n".join(parts))
 
 
 @functools.lru_cache(maxsize=4)

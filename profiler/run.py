@@ -159,3 +159,171 @@ def profile_model_object(model: Any, tokenizer: Any, options: ProfileOptions) ->
     finally:
         model.set_attn_implementation(previous)
         model.train(was_training)
+
+
+# --- base vs merged ---------------------------------------------------------------------------
+
+@dataclass
+class Comparison:
+    """The three results of `attnprof profile BASE vs MERGED`."""
+    base: Profile
+    merged: Profile
+    diff: "ProfileDiff"
+    merged_dir: Any = None          # where the merged weights live on disk (for the weight diff)
+
+
+def _config_info(source) -> Any:
+    from .load import load_config, model_info
+    return model_info(load_config(source), source.name, source.spec)
+
+
+def check_same_architecture(base_source, merged_source) -> None:
+    """Refuse, before any weight is loaded, to compare models of different shapes."""
+    b, m = _config_info(base_source), _config_info(merged_source)
+    if b.architecture != m.architecture:
+        raise AttnprofError(f"base and merged have different architectures ({b.architecture} vs {m.architecture})")
+    for key, what in (("num_layers", "layer counts"), ("num_heads", "head counts"),
+                      ("num_kv_heads", "key/value head counts"), ("head_dim", "head dims")):
+        if getattr(b, key) != getattr(m, key):
+            raise AttnprofError(f"base and merged have different {what} ({getattr(b, key)} vs {getattr(m, key)})")
+
+
+def compare(base: str, merged: str, options: ProfileOptions | None = None,
+            thresholds: Any = None, merged_options: ProfileOptions | None = None,
+            workdir: Any = None, with_weights: bool = True) -> Comparison:
+    """Profile BASE and MERGED on identical token ids, diff profiles and weights, give a verdict.
+
+    MERGED may be a PEFT adapter directory: it is merged onto BASE with peft (and, for the weight
+    diff, saved into `workdir`). `merged_options` lets the merged side load differently (e.g.
+    in 4-bit to see what quantisation alone does); by default both sides use `options`.
+    """
+    from pathlib import Path
+
+    from .diff import diff_profiles
+    from .load import load_model
+    from .probes import tokenizers_agree
+    from .rules import GateThresholds
+    from .sources import resolve_source
+
+    options = options or ProfileOptions()
+    merged_options = merged_options or options
+    thresholds = thresholds or GateThresholds()
+    cap.register()
+    base_source, merged_source = resolve_source(base), resolve_source(merged)
+    if base_source.kind == "adapter":
+        raise AttnprofError(f"{base}: BASE must be a model, not an adapter")
+    is_adapter = merged_source.kind == "adapter"
+    if is_adapter:
+        check_adapter_fits(merged_source, base_source)
+    else:
+        check_same_architecture(base_source, merged_source)
+
+    loaded = load_model(base_source, attn_implementation=cap.ATTN_NAME, **options.load_kwargs())
+    try:
+        probes = make_probes(loaded.tokenizer, options, loaded.info.max_positions)
+        base_tokenizer = loaded.tokenizer
+        base_profile = capture_loaded(loaded, probes, options)
+    finally:
+        release(loaded)
+
+    merged_dir = merged_source.path if merged_source.kind in ("dir", "demo") else None
+    loaded = load_model(merged_source, attn_implementation=cap.ATTN_NAME, base=base_source,
+                        **merged_options.load_kwargs())
+    try:
+        problem = tokenizers_agree(base_tokenizer, loaded.tokenizer, probes)
+        if problem:
+            raise AttnprofError(f"base and merged tokenizers disagree on the probes: {problem}")
+        merged_profile = capture_loaded(loaded, probes, merged_options)
+        if is_adapter and with_weights and base_source.kind in ("dir", "demo") and workdir is not None:
+            merged_dir = Path(workdir) / "merged-weights"
+            loaded.model.save_pretrained(merged_dir)
+    finally:
+        release(loaded)
+
+    result = diff_profiles(base_profile, merged_profile, thresholds, seed=options.seed)
+    if with_weights:
+        result.weights, weight_flags = weight_section(base_source, merged_dir,
+                                                      merged_source if is_adapter else None, options.quiet)
+        result.flags.extend(weight_flags)
+    if is_adapter:
+        result.adapter = adapter_section(merged_source, base_source)
+    return Comparison(base_profile, merged_profile, result, merged_dir)
+
+
+def check_adapter_fits(adapter_source, base_source) -> None:
+    """An adapter whose base does not fit is bad input (exit 2), found before loading weights."""
+    from .adapter import check_adapter
+    report = check_adapter(str(adapter_source.path), str(base_source.path))
+    errors = [f for f in report.findings if f.severity == "error"]
+    if errors:
+        raise AttnprofError(f"adapter {adapter_source.spec} does not fit base {base_source.spec}: "
+                            f"{errors[0].message}")
+
+
+def adapter_section(adapter_source, base_source) -> dict[str, Any]:
+    from .adapter import check_adapter, load_adapter_config
+    config = load_adapter_config(str(adapter_source.path))
+    check = check_adapter(str(adapter_source.path), str(base_source.path))
+    return {"config": config, "check": check.to_dict()}
+
+
+def weight_section(base_source, merged_dir, adapter_source, quiet: bool) -> tuple[dict | None, list[dict]]:
+    """The streamed weight diff, or a flag saying why it was skipped."""
+    if base_source.kind not in ("dir", "demo") or merged_dir is None:
+        return None, [{"code": "weights_not_diffed", "severity": "info",
+                       "message": "weights were not diffed: both sides must be safetensors directories "
+                                  "(a .gguf side is profiled but not diffed)"}]
+    from .weights import diff_weights
+    kwargs: dict[str, Any] = {}
+    if adapter_source is not None:
+        kwargs["adapter_dir"] = adapter_source.path
+    advance, close = progress_bar(0, "diffing weights", quiet)
+    try:
+        wd = diff_weights(base_source.path, merged_dir, **kwargs)
+    finally:
+        close()
+    data = wd.to_dict()
+    return data, list(data.get("flags", []))
+
+
+# --- run directories ------------------------------------------------------------------------
+
+def _sha256(path) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_run(out: Any, *, command: str, profile: Profile | None = None,
+              comparison: Comparison | None = None, render: bool = True, seed: int = 0) -> Any:
+    """Write a run directory atomically: JSON + npz, run.json with hashes, summary and report."""
+    from pathlib import Path
+
+    from .io import atomic_dir
+    from .profiles import versions, write_json
+    from .results import dumps
+
+    out = Path(out)
+    with atomic_dir(out) as tmp:
+        if comparison is not None:
+            for side, prof in (("base", comparison.base), ("merged", comparison.merged)):
+                (tmp / side).mkdir()
+                prof.save(tmp / side)
+            (tmp / "diff.json").write_text(dumps(comparison.diff.to_dict()), encoding="utf-8")
+            kind = "pair"
+        elif profile is not None:
+            profile.save(tmp)
+            kind = "single"
+        else:
+            raise ValueError("write_run needs a profile or a comparison")
+        files = {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+        write_json(tmp / "run.json", {"kind": kind, "command": command, "versions": versions(),
+                                      "files": files, "seed": seed})
+        if render:
+            from .report import render_report, summary_markdown
+            (tmp / "summary.md").write_text(summary_markdown(tmp), encoding="utf-8")
+            render_report(tmp)
+    return out

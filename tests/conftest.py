@@ -40,3 +40,35 @@ def demo_dir() -> Path:
     """The real SmolLM2-135M-Instruct, converted once from the bundled GGUF."""
     from profiler.demo_model import demo_model_dir
     return demo_model_dir()
+
+
+TINY_CORPUS = ("attention decays with distance in many heads of a language model. "
+               "low rank adapters change a few directions of the weights. ") * 20
+
+
+def tiny_tokenizer(vocab_size: int = 300):
+    """A small byte-level BPE trained on a fixed sentence (no downloads, deterministic)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 1, special_tokens=["<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([TINY_CORPUS], trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
+def save_tiny(path: Path, kind: str = "llama", seed: int = 0, dtype=torch.float32, tokenizer=None,
+              **overrides) -> Path:
+    """A tiny random-weight causal LM directory (config, safetensors, tokenizer)."""
+    model = tiny_model(kind, seed=seed, **overrides)
+    model.config.architectures = [type(model).__name__]
+    model.to(dtype).save_pretrained(path)
+    (tokenizer or tiny_tokenizer(model.config.vocab_size)).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    return save_tiny(tmp_path_factory.mktemp("tiny") / "tiny-llama", num_key_value_heads=2)

@@ -1,0 +1,129 @@
+"""The CLI on tiny models: outputs, determinism, and one-line exit-2 errors on bad input."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import save_tiny
+from profiler.cli import main
+from profiler.rules import REGIMES
+
+FAST = ["--length", "128", "--num", "3", "--probes", "random", "--no-report", "--quiet", "--no-weights"]
+
+
+def run_cli(args, capsys):
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_profile_writes_a_complete_run(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, stdout, _ = run_cli(["profile", tiny_dir, "--out", out, "--json", *FAST], capsys)
+    assert code == 0
+    data = json.loads(stdout)
+    assert json.loads((out / "profile.json").read_text()) == data
+    assert set(data) >= {"model", "probes", "heads", "model_level", "versions", "fit"}
+    assert data["model"]["num_layers"] == 2 and data["model"]["num_kv_heads"] == 2
+    assert len(data["heads"]) == 2 * 4
+    assert {h["regime"] for h in data["heads"]} <= set(REGIMES)
+    window = data["probes"]["window"]
+    with np.load(out / "curves.npz") as z:
+        assert z["A"].shape == (3, 2, 4, 128 - window + 1)
+    with np.load(out / "probes.npz") as z:
+        assert z["input_ids"].shape == (3, 128)
+    run = json.loads((out / "run.json").read_text())
+    assert run["kind"] == "single" and "profile.json" in run["files"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]     # no temp dirs left
+
+
+def test_same_inputs_give_byte_identical_json(tiny_dir, tmp_path, capsys):
+    for name in ("a", "b"):
+        assert run_cli(["profile", tiny_dir, "--out", tmp_path / name, *FAST], capsys)[0] == 0
+    assert (tmp_path / "a/profile.json").read_bytes() == (tmp_path / "b/profile.json").read_bytes()
+    assert run_cli(["profile", tiny_dir, "--out", tmp_path / "c", *FAST, "--seed", "1"], capsys)[0] == 0
+    assert (tmp_path / "a/profile.json").read_bytes() != (tmp_path / "c/profile.json").read_bytes()
+
+
+def one_error_line(code, err):
+    lines = [l for l in err.strip().splitlines() if l.strip()]
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("attnprof: error: "), err
+    return lines[0]
+
+
+def test_missing_path(tmp_path, capsys):
+    line = one_error_line(*run_cli(["profile", tmp_path / "nope", *FAST], capsys)[::2])
+    assert "no such file" in line
+
+
+def test_not_a_causal_lm(tmp_path, capsys):
+    from transformers import BertConfig, BertForMaskedLM
+    d = tmp_path / "bert"
+    cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=64, architectures=["BertForMaskedLM"])
+    BertForMaskedLM(cfg).save_pretrained(d)
+    line = one_error_line(*run_cli(["profile", d, *FAST], capsys)[::2])
+    assert "not a causal LM" in line
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage-header"])
+def test_corrupt_safetensors(tiny_dir, tmp_path, capsys, damage):
+    d = tmp_path / "broken"
+    shutil.copytree(tiny_dir, d)
+    f = d / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"\xff" * 8 + b"not json" + data[16:])
+    line = one_error_line(*run_cli(["profile", d, *FAST], capsys)[::2])
+    assert "model.safetensors" in line and "corrupt" in line
+
+
+def test_length_above_max_positions(tiny_dir, tmp_path, capsys):
+    args = ["profile", tiny_dir, "--length", "2048", "--num", "1", "--probes", "random", "--no-report",
+            "--quiet", "--out", tmp_path / "r"]
+    line = one_error_line(*run_cli(args, capsys)[::2])
+    assert "max positions (1024)" in line and "--allow-truncate" in line
+    code, _, err = run_cli(args + ["--allow-truncate"], capsys)
+    assert code == 0 and "truncated to the model's max positions" in err
+    assert json.loads((tmp_path / "r/profile.json").read_text())["probes"]["length"] == 1024
+
+
+def test_empty_probe_file(tiny_dir, tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    line = one_error_line(*run_cli(["profile", tiny_dir, "--probes", f"file:{empty}", "--length", "64",
+                                    "--num", "1", "--no-report"], capsys)[::2])
+    assert "empty" in line
+
+
+def test_file_and_jsonl_probes(tiny_dir, tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text("low rank adapters change a few directions of the weights. " * 40)
+    lines = tmp_path / "t.jsonl"
+    lines.write_text("\n".join(json.dumps({"text": "attention decays with distance. " * 10}) for _ in range(8)))
+    for suite in (f"file:{text}", f"jsonl:{lines}:text", "repeat", "code:stdlib"):
+        code, _, err = run_cli(["profile", tiny_dir, "--probes", suite, "--length", "64", "--num", "2",
+                                "--no-report", "--quiet", "--out", tmp_path / "r"], capsys)
+        assert code == 0, (suite, err)
+    code, _, err = run_cli(["profile", tiny_dir, "--probes", f"jsonl:{lines}:missing", "--length", "64",
+                            "--num", "1", "--no-report"], capsys)
+    assert code == 2 and "no field 'missing'" in err
+
+
+def test_usage_errors_are_one_line(capsys):
+    line = one_error_line(*run_cli(["profile", "a", "b"], capsys)[::2])
+    assert "BASE vs MERGED" in line
+    line = one_error_line(*run_cli(["frobnicate"], capsys)[::2])
+    assert "invalid choice" in line
+
+
+def test_console_script_is_installed(tiny_dir, tmp_path):
+    exe = Path(sys.executable).parent / "attnprof"
+    res = subprocess.run([str(exe), "profile", str(tmp_path / "missing")], capture_output=True, text=True)
+    assert res.returncode == 2 and res.stderr.startswith("attnprof: error:")
