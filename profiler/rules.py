@@ -84,7 +84,16 @@ class GateThresholds:
 # --- weights ----------------------------------------------------------------------------------
 RANK_ENERGY = 0.90                 # rank90: smallest k whose top-k singular values hold 90% of ||dW||_F^2
 RANK_WELL_ABOVE_ADAPTER = 2.0      # signal rank > this x adapter rank -> "not a pure LoRA merge"
+NOISE_FLOOR_MARGIN = 1.1           # signal = singular values above this x the rounding-noise edge bound
+LOW_RANK_MAX_FRACTION = 0.25       # signal rank <= this x min(m, n) -> "low-rank", above -> "high-rank"
+MERGE_RESIDUAL_NOISE_MAX = 2.0     # ||dW - scale*B*A||_F above this x the expected rounding noise ...
+MERGE_REL_ERROR_MIN = 1e-3         # ... and above this fraction of ||scale*B*A||_F -> "merge_unfaithful"
 
 # --- adapter check ----------------------------------------------------------------------------
 SCALING_HIGH = 4.0
 SCALING_LOW = 0.25
+
+# --- adapter check: forgetting evidence -------------------------------------------------------
+# A published LoRA row is "near" an adapter when its rank is within this factor of the adapter's
+# rank (r/4 <= rank <= 4r); only near rows are shown, and none is turned into a number for the adapter.
+EVIDENCE_RANK_FACTOR = 4.0

@@ -1,0 +1,844 @@
+"""Weight diff: stream two safetensors checkpoints tensor by tensor and describe ΔW.
+
+For every tensor present in both checkpoints, ΔW = W_merged − W_base is formed in float32
+(exact for bf16/fp16 inputs) one pair at a time, so memory is bounded by the largest tensor
+pair, never by the model. 2-D weights get norms, their top singular values, rank for 90% of
+the energy, stable rank and the *signal rank*: the number of singular values above the floor
+that rounding to the stored float formats puts under every merged weight (see
+`spectra.noise_floor`). With the adapter at hand, ΔW is also known exactly as scale·B·A; its
+spectrum and the distance between the two tell whether the merge did what the adapter says.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence, Union
+
+import numpy as np
+import torch
+
+from . import spectra
+from .errors import AttnprofError
+from .results import Result
+from .rules import (LOW_RANK_MAX_FRACTION, MERGE_REL_ERROR_MIN, MERGE_RESIDUAL_NOISE_MAX,
+                    RANK_WELL_ABOVE_ADAPTER)
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+CHUNK_ELEMENTS = 1 << 19      # elements per block of the streaming pass (bounds temporaries)
+MAX_RANK_PROBE = 256          # randomized SVD: largest k tried before a rank is reported as ">= k"
+PREVIEW_NAMES = 3             # tensor names quoted in a flag message
+
+UNCHANGED = "unchanged"
+ROUNDING_ONLY = "rounding only"
+BELOW_FLOOR = "below floor"
+LOW_RANK = "low-rank"
+HIGH_RANK = "high-rank"
+CHANGED = "changed"                # tensors that are not 2-D matrices
+SHAPE_MISMATCH = "shape mismatch"
+STATUSES = (UNCHANGED, ROUNDING_ONLY, BELOW_FLOOR, LOW_RANK, HIGH_RANK, CHANGED, SHAPE_MISMATCH)
+
+_SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+Progress = Union[Callable[[int, int, str], Any], bool, None]
+
+
+# --- results ----------------------------------------------------------------------------------
+
+@dataclass
+class TensorDiff(Result):
+    """ΔW of one tensor present in both checkpoints.
+
+    status: "unchanged" (identical values), "rounding only" (the two agree once rounded to the
+    coarser of their float formats), "below floor" (changed, but no singular value rises above
+    the rounding floor: too small to resolve a rank), "low-rank" / "high-rank" (signal rank at
+    most / above LOW_RANK_MAX_FRACTION of min(m, n)), "changed" (a tensor that is not a 2-D
+    matrix), "shape mismatch".
+    """
+    name: str
+    shape: list[int]
+    dtype_base: str
+    dtype_merged: str
+    status: str
+    changed: bool                       # a real change: not "unchanged" and not "rounding only"
+    in_targets: bool | None = None      # None when no target modules are known
+    fro_norm: float | None = None       # ‖ΔW‖_F
+    rel_norm: float | None = None       # ‖ΔW‖_F / ‖W_base‖_F
+    rank90: int | None = None           # rank holding 90% of ‖ΔW‖_F² (Biderman et al. 2024)
+    rank90_is_lower_bound: bool = False
+    stable_rank: float | None = None    # ‖ΔW‖_F² / σ_1²
+    signal_rank: int | None = None      # singular values above noise_floor
+    signal_rank_is_lower_bound: bool = False
+    noise_floor: float | None = None    # bound on the largest singular value of the rounding noise
+    svd: str | None = None              # "exact" or "randomized"
+    top_singular_values: list[float] = field(default_factory=list)
+    adapter_rank: int | None = None
+    adapter_scale: float | None = None
+    adapter_singular_values: list[float] = field(default_factory=list)
+    adapter_rel_error: float | None = None      # ‖ΔW − scale·B·A‖_F / ‖scale·B·A‖_F
+    adapter_residual_noise: float | None = None  # ‖ΔW − scale·B·A‖_F / expected ‖rounding noise‖_F
+    shape_merged: list[int] | None = None
+
+    def row(self) -> dict[str, Any]:
+        """Scalar fields plus the largest singular values, for one table row."""
+        out = {k: v for k, v in self.to_dict().items() if not isinstance(v, list) or k == "shape"}
+        out["shape"] = "×".join(str(d) for d in self.shape)
+        out["sigma_1"] = self.top_singular_values[0] if self.top_singular_values else None
+        out["adapter_sigma_1"] = (self.adapter_singular_values[0]
+                                  if self.adapter_singular_values else None)
+        return out
+
+
+@dataclass
+class WeightFlag(Result):
+    """One finding of the weight diff: {code, severity: error|warning|info, message, tensors}."""
+    code: str
+    severity: str
+    message: str
+    tensors: list[str] = field(default_factory=list)
+
+
+@dataclass
+class WeightDiff(Result):
+    """Base vs merged weights, one TensorDiff per tensor present in both, plus findings."""
+    base: str
+    merged: str
+    adapter: str | None
+    target_modules: list[str] | str | None
+    adapter_rank: int | None
+    num_tensors: int                 # present in both checkpoints
+    num_changed: int
+    num_rounding_only: int
+    num_outside_targets: int         # changed although outside the target modules
+    num_missing: int
+    num_extra: int
+    max_signal_rank: int | None
+    max_rel_norm: float | None
+    flags: list[WeightFlag]
+    tensors: list[TensorDiff]
+    missing: list[str]
+    extra: list[str]
+
+    def rows(self) -> list[dict[str, Any]]:
+        return [t.row() for t in self.tensors]
+
+    def __getitem__(self, name: str) -> TensorDiff:
+        for t in self.tensors:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+    @property
+    def flag_codes(self) -> list[str]:
+        return [f.code for f in self.flags]
+
+
+# --- reading checkpoints ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one stored tensor lives and what it is, read from the safetensors header."""
+    file: Path
+    shape: tuple[int, ...]
+    dtype: str                       # safetensors name: BF16, F32, ...
+
+    @property
+    def torch_dtype(self) -> torch.dtype | None:
+        return _SAFETENSORS_DTYPES.get(self.dtype)
+
+
+def _open(file: Path):
+    """safe_open with every failure turned into one line naming the file."""
+    from safetensors import safe_open
+    try:
+        return safe_open(str(file), framework="pt")
+    except FileNotFoundError:
+        raise AttnprofError(f"{file}: no such file") from None
+    except Exception as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise AttnprofError(f"{file}: not a readable safetensors file ({reason})") from None
+
+
+def _header(file: Path) -> dict[str, TensorInfo]:
+    with _open(file) as handle:
+        out = {}
+        for name in handle.keys():
+            part = handle.get_slice(name)
+            out[name] = TensorInfo(file, tuple(int(d) for d in part.get_shape()), str(part.get_dtype()))
+        return out
+
+
+def _weight_files(path: Path) -> list[Path]:
+    """The safetensors files that hold a checkpoint's weights (shard index aware)."""
+    if not path.exists():
+        raise AttnprofError(f"{path}: no such file or directory")
+    if path.is_file():
+        if path.name.endswith(".index.json"):
+            return _index_files(path)
+        if path.suffix != ".safetensors":
+            raise AttnprofError(f"{path}: not a safetensors file or checkpoint directory")
+        return [path]
+    if (path / INDEX_FILE).is_file():
+        return _index_files(path / INDEX_FILE)
+    if (path / SINGLE_FILE).is_file():
+        return [path / SINGLE_FILE]
+    files = sorted(p for p in path.glob("*.safetensors") if p.name != ADAPTER_WEIGHTS)
+    if not files:
+        raise AttnprofError(f"{path}: no safetensors weights ({SINGLE_FILE} or {INDEX_FILE}); "
+                            "only safetensors checkpoints can be diffed")
+    return files
+
+
+def _index_files(index: Path) -> list[Path]:
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        files = sorted({str(f) for f in weight_map.values()})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise AttnprofError(f"{index}: not a valid safetensors shard index ({type(exc).__name__})") from None
+    paths = [index.parent / f for f in files]
+    for p in paths:
+        if not p.is_file():
+            raise AttnprofError(f"{p}: shard listed in {index.name} is missing")
+    return paths
+
+
+def checkpoint_catalogue(path: str | Path) -> dict[str, TensorInfo]:
+    """Every tensor of a checkpoint (directory, shard index or single file) with its header info.
+
+    Only headers are read. Every shard is opened once here, so a corrupt or truncated file is
+    reported before any work starts.
+    """
+    catalogue: dict[str, TensorInfo] = {}
+    for file in _weight_files(Path(path)):
+        for name, info in _header(file).items():
+            if name in catalogue:
+                raise AttnprofError(f"{file}: tensor {name} is also stored in {catalogue[name].file.name}")
+            catalogue[name] = info
+    return catalogue
+
+
+def checkpoint_tensors(path: str | Path) -> dict[str, Path]:
+    """Tensor name → the safetensors file holding it (reads model.safetensors.index.json shards)."""
+    return {name: info.file for name, info in checkpoint_catalogue(path).items()}
+
+
+class _Readers:
+    """Open safetensors handles, one per file, closed together at the end."""
+
+    def __init__(self, stack: ExitStack):
+        self._stack = stack
+        self._handles: dict[Path, Any] = {}
+
+    def get(self, info: TensorInfo, name: str) -> torch.Tensor:
+        handle = self._handles.get(info.file)
+        if handle is None:
+            handle = self._handles[info.file] = self._stack.enter_context(_open(info.file))
+        try:
+            return handle.get_tensor(name)
+        except Exception as exc:
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise AttnprofError(f"{info.file}: cannot read tensor {name} ({reason})") from None
+
+
+# --- adapters ---------------------------------------------------------------------------------
+
+@dataclass
+class AdapterDelta:
+    """The exact change one LoRA module makes to one stored weight: ΔW = scale · B @ A.
+
+    B is (rows × r) and A is (r × cols) in the orientation of the stored weight (embedding and
+    fan_in_fan_out adapters are transposed into it).
+    """
+    module: str
+    weight: str
+    B: torch.Tensor
+    A: torch.Tensor
+    scale: float
+
+    @property
+    def rank(self) -> int:
+        return int(self.A.shape[0])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.B.shape[0]), int(self.A.shape[1])
+
+    def dense(self) -> torch.Tensor:
+        """scale · B @ A as a float64 matrix (only for small checks: it is the full size of W)."""
+        return self.scale * (self.B.to(torch.float64) @ self.A.to(torch.float64))
+
+    def singular_values(self) -> np.ndarray:
+        return spectra.lowrank_spectrum(self.B, self.A, self.scale)
+
+
+@dataclass(frozen=True)
+class _AdapterEntry:
+    module: str
+    key_a: str
+    key_b: str
+    embedding: bool
+
+
+def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
+    """PEFT's rank_pattern / alpha_pattern lookup: a key matches a module name suffix (regex)."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+class _Adapter:
+    """A PEFT LoRA adapter directory: its config and lazily loaded factors per module."""
+
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        if path.is_file() and path.name == ADAPTER_CONFIG:
+            path = path.parent
+        self.path = path
+        config_file, self.file = path / ADAPTER_CONFIG, path / ADAPTER_WEIGHTS
+        if not config_file.is_file():
+            raise AttnprofError(f"{path}: not a PEFT adapter directory (no {ADAPTER_CONFIG})")
+        if not self.file.is_file():
+            raise AttnprofError(f"{path}: no {ADAPTER_WEIGHTS} (only safetensors adapters can be read)")
+        try:
+            self.config: dict[str, Any] = json.loads(config_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise AttnprofError(f"{config_file}: not valid JSON ({type(exc).__name__})") from None
+        if not isinstance(self.config, dict):
+            raise AttnprofError(f"{config_file}: expected a JSON object")
+        self.peft_type = str(self.config.get("peft_type") or "LORA").upper()
+        self.use_rslora = bool(self.config.get("use_rslora", False))
+        self.use_dora = bool(self.config.get("use_dora", False))
+        self.fan_in_fan_out = bool(self.config.get("fan_in_fan_out", False))
+        self.modules_to_save = list(self.config.get("modules_to_save") or [])
+        self.bias = str(self.config.get("bias") or "none")
+        self.lora_bias = bool(self.config.get("lora_bias", False))
+        self.entries, self.unsupported = self._scan(_header(self.file))
+
+    @property
+    def is_lora(self) -> bool:
+        return self.peft_type == "LORA"
+
+    def _scan(self, header: dict[str, TensorInfo]) -> tuple[dict[str, _AdapterEntry], list[str]]:
+        parts: dict[str, dict[str, str]] = {}
+        for key, info in header.items():
+            stripped = key[len("base_model.model."):] if key.startswith("base_model.model.") else key
+            if ".lora_" not in stripped:
+                continue
+            module, rest = stripped.split(".lora_", 1)
+            kind, *tail = rest.split(".")
+            if kind not in ("A", "B", "embedding_A", "embedding_B") or "bias" in tail:
+                continue
+            parts.setdefault(module, {})[kind] = key
+        entries, unsupported = {}, []
+        for module, found in sorted(parts.items()):
+            embedding = "embedding_A" in found
+            key_a = found.get("embedding_A" if embedding else "A")
+            key_b = found.get("embedding_B" if embedding else "B")
+            if key_a is None or key_b is None:
+                raise AttnprofError(f"{self.file}: module {module} has only one of its two LoRA factors")
+            if len(header[key_a].shape) != 2 or len(header[key_b].shape) != 2:
+                unsupported.append(module)
+                continue
+            entries[module + ".weight"] = _AdapterEntry(module, key_a, key_b, embedding)
+        return entries, unsupported
+
+    def delta(self, weight: str, handle: Any = None) -> AdapterDelta:
+        """Read the factors of one module and put them in the stored weight's orientation."""
+        entry = self.entries[weight]
+        if handle is None:
+            with _open(self.file) as own:
+                return self.delta(weight, own)
+        a = handle.get_tensor(entry.key_a).to(torch.float64)
+        b = handle.get_tensor(entry.key_b).to(torch.float64)
+        if a.shape[0] != b.shape[1]:
+            raise AttnprofError(f"{self.file}: LoRA factors of {entry.module} do not chain "
+                                f"(A {tuple(a.shape)}, B {tuple(b.shape)})")
+        rank = int(a.shape[0])
+        alpha = float(_pattern_value(self.config.get("alpha_pattern"), entry.module,
+                                     self.config.get("lora_alpha", rank)))
+        scale = spectra.lora_scale(alpha, rank, self.use_rslora)
+        if entry.embedding or self.fan_in_fan_out:      # ΔW_stored = (B A)ᵀ = Aᵀ Bᵀ
+            a, b = b.T.contiguous(), a.T.contiguous()
+        return AdapterDelta(entry.module, weight, b, a, scale)
+
+
+def adapter_deltas(adapter_dir: str | Path) -> dict[str, AdapterDelta]:
+    """Every LoRA module of a PEFT adapter as exact factors, keyed by the weight it changes.
+
+    Keys are base-model tensor names (`model.layers.0.self_attn.q_proj.weight`): the
+    `base_model.model.` prefix PEFT adds is removed. scale = lora_alpha/r (alpha/√r with
+    use_rslora), with alpha_pattern honoured; r is read from the factors themselves, which also
+    honours rank_pattern.
+    """
+    adapter = _Adapter(adapter_dir)
+    if not adapter.is_lora:
+        raise AttnprofError(f"{adapter.path}: peft_type {adapter.peft_type} is not LoRA")
+    with _open(adapter.file) as handle:
+        return {w: adapter.delta(w, handle) for w in adapter.entries}
+
+
+# --- target modules ---------------------------------------------------------------------------
+
+def _module_of(name: str) -> tuple[str, str]:
+    module, _, leaf = name.rpartition(".")
+    return module, leaf
+
+
+def _is_embedding_or_head(module: str) -> bool:
+    leaf = module.rpartition(".")[2]
+    return "embed" in leaf or leaf in ("lm_head", "wte", "wpe", "output")
+
+
+class _Targets:
+    """Which tensors the fine-tune was allowed to change (PEFT's target_modules semantics)."""
+
+    def __init__(self, target_modules: Sequence[str] | str | None, adapter: _Adapter | None):
+        self.explicit = target_modules
+        self.adapter = adapter
+        lora_modules = {e.module for e in adapter.entries.values()} if adapter else set()
+        self.lora_modules = lora_modules
+        self.known = target_modules is not None or (adapter is not None and bool(lora_modules))
+
+    def _lora_target(self, module: str) -> bool:
+        t = self.explicit
+        if t is None:
+            return module in self.lora_modules
+        if isinstance(t, str):
+            if t == "all-linear":
+                return not _is_embedding_or_head(module)
+            return re.fullmatch(t, module) is not None
+        return module in t or any(module.endswith("." + key) for key in t)
+
+    def _saved_whole(self, module: str) -> bool:
+        if self.adapter is None:
+            return False
+        return any(re.match(rf"(^|.*\.){m}($|\..*)", module) for m in self.adapter.modules_to_save)
+
+    def __call__(self, name: str, ndim: int) -> bool | None:
+        if not self.known:
+            return None
+        module, leaf = _module_of(name)
+        if self._saved_whole(module):
+            return True
+        if leaf == "weight":
+            if self.explicit == "all-linear":
+                return ndim == 2 and self._lora_target(module)
+            return self._lora_target(module)
+        if leaf == "bias" and self.adapter is not None:
+            if self.adapter.bias == "all":
+                return True
+            if self.adapter.bias == "lora_only" or self.adapter.lora_bias:
+                return self._lora_target(module)
+        return False
+
+
+# --- one tensor pair --------------------------------------------------------------------------
+
+@dataclass
+class _Pass:
+    """What one streaming pass over a tensor pair measured."""
+    delta: torch.Tensor | None        # ΔW for 2-D pairs that differ (float32/float64)
+    nonzero: bool
+    rounding_only: bool
+    delta_energy: float
+    base_energy: float
+    noise_energy: float
+    row_var: torch.Tensor | None
+    col_var: torch.Tensor | None
+
+
+def _blocks(rows: int, cols: int) -> Iterator[slice]:
+    step = max(1, CHUNK_ELEMENTS // max(1, cols))
+    for start in range(0, rows, step):
+        yield slice(start, min(rows, start + step))
+
+
+def _stream_pair(wb: torch.Tensor, wm: torch.Tensor, fmt_b: torch.dtype, fmt_m: torch.dtype,
+                 matrix: bool) -> _Pass:
+    """One blockwise pass: ΔW, energies, the rounding-only test and the noise variance sums.
+
+    The noise variance of ΔW's element (i, j) is the rounding variance of the base value in its
+    format, of the merged value in its format, and of ΔW itself in the merged format (the merge
+    formed scale·B·A in that precision before adding it).
+    """
+    work = torch.float64 if torch.float64 in (wb.dtype, wm.dtype) else torch.float32
+    b2 = wb.reshape(wb.shape[0], -1) if matrix else wb.reshape(-1, 1)
+    m2 = wm.reshape(b2.shape)
+    rows, cols = b2.shape
+    delta = torch.empty((rows, cols), dtype=work) if matrix else None
+    coarse_b = spectra.precision_rank(fmt_b) <= spectra.precision_rank(fmt_m)
+    coarser = fmt_b if coarse_b else fmt_m
+    row_var = torch.zeros(rows, dtype=torch.float64) if matrix else None
+    col_var = torch.zeros(cols, dtype=torch.float64) if matrix else None
+    nonzero, rounding_only = False, True
+    delta_energy = base_energy = noise_energy = 0.0
+    for block in _blocks(rows, cols):
+        b = b2[block].to(work)
+        m = m2[block].to(work)
+        d = torch.sub(m, b, out=delta[block]) if delta is not None else m - b
+        nonzero = nonzero or bool(torch.count_nonzero(d))
+        delta_energy += float(torch.linalg.vector_norm(d, dtype=torch.float64)) ** 2
+        base_energy += float(torch.linalg.vector_norm(b, dtype=torch.float64)) ** 2
+        if rounding_only:
+            fine = m if coarse_b else b
+            other = b if coarse_b else m
+            rounding_only = torch.equal(fine.to(coarser).to(work), other)
+        var = (spectra.rounding_variance(b, fmt_b) + spectra.rounding_variance(m, fmt_m)
+               + spectra.rounding_variance(d, fmt_m))
+        noise_energy += float(var.sum(dtype=torch.float64))
+        if matrix:
+            row_var[block] += var.sum(dim=1, dtype=torch.float64)
+            col_var += var.sum(dim=0, dtype=torch.float64)
+    return _Pass(delta, nonzero, rounding_only and nonzero, delta_energy, base_energy,
+                 noise_energy, row_var, col_var)
+
+
+def _spectrum(delta: torch.Tensor, scan: _Pass, k: int) -> tuple[np.ndarray, bool, float]:
+    """Singular values of ΔW, widening k (randomized path) until the floor is crossed."""
+    shape = tuple(delta.shape)
+    limit = min(shape)
+    s, complete = spectra.singular_values(delta, min(k, limit))
+
+    def floor_of(values: np.ndarray) -> float:
+        top = float(values[0]) if values.size else 0.0
+        return max(spectra.noise_floor(scan.row_var, scan.col_var),
+                   spectra.numerical_floor(top, shape, delta.dtype))
+
+    floor = floor_of(s)
+    while not complete and s.size < min(limit, MAX_RANK_PROBE) and s[-1] > floor:
+        s, complete = spectra.singular_values(delta, min(limit, MAX_RANK_PROBE, 4 * s.size))
+        floor = floor_of(s)
+    return s, complete, floor
+
+
+def _matrix_summary(td: TensorDiff, scan: _Pass, k: int, top_k: int) -> None:
+    """Fill the spectral fields of a changed 2-D TensorDiff."""
+    delta = scan.delta
+    s, complete, floor = _spectrum(delta, scan, k)
+    td.svd = "exact" if complete else "randomized"
+    td.noise_floor = floor
+    td.top_singular_values = [float(x) for x in s[:top_k]]
+    rank = spectra.signal_rank(s, floor)
+    td.signal_rank = rank
+    td.signal_rank_is_lower_bound = (not complete) and rank == s.size
+    r90 = spectra.rank_for_energy(s, scan.delta_energy)
+    td.rank90 = r90 if r90 is not None else (s.size if complete else s.size + 1)
+    td.rank90_is_lower_bound = r90 is None and not complete
+    td.stable_rank = spectra.stable_rank(s, scan.delta_energy)
+    if rank == 0:
+        td.status = BELOW_FLOOR
+    elif not td.signal_rank_is_lower_bound and rank <= LOW_RANK_MAX_FRACTION * min(delta.shape):
+        td.status = LOW_RANK
+    else:
+        td.status = HIGH_RANK
+
+
+def _compare_adapter(td: TensorDiff, scan: _Pass | None, ad: AdapterDelta, top_k: int) -> bool:
+    """Put the exact adapter spectrum beside the measured one; False when the shapes disagree."""
+    if td.status == SHAPE_MISMATCH or ad.shape != tuple(td.shape):
+        return False
+    sv = ad.singular_values()
+    td.adapter_rank = ad.rank
+    td.adapter_scale = ad.scale
+    td.adapter_singular_values = [float(x) for x in sv[:top_k]]
+    reference = float(np.sqrt(np.sum(sv ** 2)))
+    residual2 = 0.0
+    delta = scan.delta if scan is not None else None
+    for block in _blocks(*ad.shape):
+        expected = ad.scale * (ad.B[block] @ ad.A)
+        if delta is not None:
+            expected = delta[block].to(torch.float64) - expected
+        residual2 += float(torch.linalg.vector_norm(expected)) ** 2
+    residual = math.sqrt(residual2)
+    td.adapter_rel_error = residual / reference if reference > 0 else (0.0 if residual == 0 else None)
+    if scan is not None and scan.noise_energy > 0:
+        td.adapter_residual_noise = residual / math.sqrt(scan.noise_energy)
+    return True
+
+
+def _diff_pair(name: str, ib: TensorInfo, im: TensorInfo, readers: _Readers,
+               in_targets: bool | None, adapter_delta: AdapterDelta | None,
+               adapter_rank: int | None, top_k: int) -> tuple[TensorDiff, bool]:
+    """Diff one tensor pair; returns the TensorDiff and whether the adapter factors fit it."""
+    td = TensorDiff(name=name, shape=list(ib.shape), dtype_base=_dtype_name(ib),
+                    dtype_merged=_dtype_name(im), status=UNCHANGED, changed=False,
+                    in_targets=in_targets)
+    if ib.shape != im.shape:
+        td.status, td.changed, td.shape_merged = SHAPE_MISMATCH, True, list(im.shape)
+        return td, True
+    wb, wm = readers.get(ib, name), readers.get(im, name)
+    floats = ib.torch_dtype in spectra.FLOAT_FORMATS and im.torch_dtype in spectra.FLOAT_FORMATS
+    scan = None
+    if wb.dtype == wm.dtype and torch.equal(wb, wm):
+        td.fro_norm, td.rel_norm = 0.0, 0.0
+    elif not floats:
+        td.changed = True                 # not bit-identical; no arithmetic on quantised codes
+        td.status = CHANGED
+    else:
+        matrix = wb.ndim == 2
+        scan = _stream_pair(wb, wm, spectra.effective_dtype(wb), spectra.effective_dtype(wm), matrix)
+        del wb, wm
+        td.fro_norm = math.sqrt(scan.delta_energy)
+        td.rel_norm = td.fro_norm / math.sqrt(scan.base_energy) if scan.base_energy > 0 else None
+        if not scan.nonzero:
+            td.status = UNCHANGED
+        elif scan.rounding_only:
+            td.status = ROUNDING_ONLY
+            if matrix:
+                td.noise_floor = spectra.noise_floor(scan.row_var, scan.col_var)
+        elif not matrix:
+            td.status, td.changed = CHANGED, True
+        else:
+            td.changed = True
+            rank = adapter_delta.rank if adapter_delta is not None else adapter_rank
+            k = top_k
+            if rank:    # resolve ranks past the "not a pure LoRA merge" threshold
+                k = max(k, int(math.ceil(RANK_WELL_ABOVE_ADAPTER * rank)) + 2)
+            _matrix_summary(td, scan, k, top_k)
+    fits = True
+    if adapter_delta is not None:
+        fits = _compare_adapter(td, scan, adapter_delta, top_k)
+    return td, fits
+
+
+def _dtype_name(info: TensorInfo) -> str:
+    dtype = info.torch_dtype
+    return str(dtype).removeprefix("torch.") if dtype is not None else info.dtype
+
+
+# --- flags ------------------------------------------------------------------------------------
+
+def _preview(names: Sequence[str], detail: Callable[[str], str] | None = None) -> str:
+    shown = [f"{n} ({detail(n)})" if detail else n for n in names[:PREVIEW_NAMES]]
+    more = f" and {len(names) - PREVIEW_NAMES} more" if len(names) > PREVIEW_NAMES else ""
+    return ", ".join(shown) + more
+
+
+def _flags(tensors: list[TensorDiff], missing: list[str], extra: list[str], tied: list[str],
+           adapter: _Adapter | None, adapter_missing: list[str], adapter_misfit: list[str],
+           adapter_rank: int | None, targets_known: bool) -> list[WeightFlag]:
+    flags: list[WeightFlag] = []
+    by_name = {t.name: t for t in tensors}
+
+    def add(code: str, severity: str, message: str, names: Sequence[str]) -> None:
+        flags.append(WeightFlag(code, severity, message, list(names)))
+
+    if missing:
+        add("missing_tensors", "error", f"{len(missing)} tensor(s) of the base are missing from the "
+            f"merged checkpoint: {_preview(missing)}", missing)
+    if extra:
+        hint = ("; they include LoRA factors: the adapter was saved but not merged"
+                if any(".lora_" in n for n in extra) else "")
+        add("extra_tensors", "warning", f"{len(extra)} tensor(s) of the merged checkpoint are not in "
+            f"the base: {_preview(extra)}{hint}", extra)
+    if tied:
+        add("tied_embeddings", "info", f"{_preview(tied)} is stored on one side only: the output "
+            "head is tied to the input embeddings there, so it is not compared", tied)
+    mismatched = [t.name for t in tensors if t.status == SHAPE_MISMATCH]
+    if mismatched:
+        add("shape_mismatch", "error", f"{len(mismatched)} tensor(s) changed shape: " + _preview(
+            mismatched, lambda n: f"{_shape(by_name[n].shape)} → {_shape(by_name[n].shape_merged)}"),
+            mismatched)
+    retyped = [t for t in tensors if t.dtype_base != t.dtype_merged]
+    if retyped:
+        pairs = sorted({f"{t.dtype_base} → {t.dtype_merged}" for t in retyped})
+        add("dtype_change", "info", f"{len(retyped)} tensor(s) are stored in another dtype "
+            f"({', '.join(pairs)}); rounding to the coarser format is not counted as a change",
+            [t.name for t in retyped])
+    outside = [t.name for t in tensors if t.changed and t.in_targets is False]
+    if outside:
+        dense = sum(by_name[n].status == HIGH_RANK for n in outside)
+        hint = (": high-rank changes everywhere look like a merge into a de-quantised (QLoRA) base "
+                "or a full fine-tune" if dense > len(outside) / 2 else "")
+        add("changed_outside_targets", "warning", f"{len(outside)} tensor(s) outside the target "
+            f"modules changed beyond rounding{hint}: " + _preview(outside, lambda n: by_name[n].status),
+            outside)
+    ranked = [t for t in tensors if t.signal_rank and t.in_targets is not False]
+    over = [t.name for t in ranked if (t.adapter_rank or adapter_rank)
+            and t.signal_rank > RANK_WELL_ABOVE_ADAPTER * (t.adapter_rank or adapter_rank)]
+    if over:
+        add("not_pure_lora", "warning", f"{len(over)} matri(x/ces) have a signal rank above "
+            f"{RANK_WELL_ABOVE_ADAPTER:g}× the adapter rank: not a pure LoRA merge: "
+            + _preview(over, lambda n: _rank_text(by_name[n])), over)
+    if adapter_rank is None and adapter is None:
+        high = [t.name for t in ranked if t.status == HIGH_RANK]
+        if high:
+            add("high_rank_change", "warning", f"{len(high)} matri(x/ces) changed with a high signal "
+                f"rank (above {LOW_RANK_MAX_FRACTION:g} of their smaller dimension), unlike a LoRA "
+                "merge: " + _preview(high, lambda n: _rank_text(by_name[n])), high)
+    below = [t.name for t in tensors if t.status == BELOW_FLOOR]
+    if below:
+        add("below_floor", "info", f"{len(below)} matri(x/ces) changed by less than the rounding floor "
+            "of their stored formats: no rank can be resolved: " + _preview(below), below)
+    unfaithful = [t.name for t in tensors if t.adapter_rel_error is not None
+                  and t.adapter_rel_error > MERGE_REL_ERROR_MIN
+                  and (t.adapter_residual_noise is None or t.adapter_residual_noise > MERGE_RESIDUAL_NOISE_MAX)]
+    if unfaithful:
+        add("merge_unfaithful", "warning", f"{len(unfaithful)} matri(x/ces) differ from the adapter's "
+            "scale·B·A by more than rounding (wrong scale, DoRA, another adapter, or not merged): "
+            + _preview(unfaithful, lambda n: f"relative error {by_name[n].adapter_rel_error:.3g}"),
+            unfaithful)
+    if adapter_missing:
+        add("adapter_weight_missing", "error", f"{len(adapter_missing)} module(s) of the adapter have "
+            f"no weight in both checkpoints: {_preview(adapter_missing)}", adapter_missing)
+    if adapter_misfit:
+        add("adapter_shape_mismatch", "error", f"{len(adapter_misfit)} module(s) of the adapter do not "
+            f"fit the shape of their weight: {_preview(adapter_misfit)}", adapter_misfit)
+    if adapter is not None:
+        if not adapter.is_lora:
+            add("adapter_not_lora", "info", f"peft_type {adapter.peft_type} is not LoRA: no exact "
+                "adapter spectrum", [])
+        if adapter.use_dora:
+            add("dora_merge", "info", "the adapter uses DoRA: its merge rescales whole columns, so ΔW "
+                "is not scale·B·A and may be full rank", [])
+        if adapter.unsupported:
+            add("adapter_unsupported", "info", f"{len(adapter.unsupported)} adapter module(s) are not "
+                f"2-D (e.g. convolutions) and get no exact spectrum: {_preview(adapter.unsupported)}",
+                adapter.unsupported)
+    nonfloat = [t.name for t in tensors if t.dtype_base not in _FLOAT_NAMES or t.dtype_merged not in _FLOAT_NAMES]
+    if nonfloat:
+        add("non_float_tensors", "info", f"{len(nonfloat)} tensor(s) are not floating point (e.g. "
+            f"quantised); they are compared for equality only: {_preview(nonfloat)}", nonfloat)
+    if not targets_known and any(t.changed for t in tensors):
+        add("targets_unknown", "info", "no adapter or target modules given: changes cannot be checked "
+            "against the modules the fine-tune was meant to touch", [])
+    return flags
+
+
+_FLOAT_NAMES = {str(d).removeprefix("torch.") for d in spectra.FLOAT_FORMATS}
+
+
+def _shape(shape: Sequence[int] | None) -> str:
+    return "×".join(str(d) for d in shape or [])
+
+
+def _rank_text(t: TensorDiff) -> str:
+    bound = "≥" if t.signal_rank_is_lower_bound else ""
+    adapter = f" vs r={t.adapter_rank}" if t.adapter_rank else ""
+    return f"signal rank {bound}{t.signal_rank}{adapter}"
+
+
+# --- the diff ---------------------------------------------------------------------------------
+
+def _natural_key(name: str) -> list[Any]:
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+def _is_head(name: str) -> bool:
+    return name == "lm_head.weight" or name.endswith(".lm_head.weight")
+
+
+def _resolve(weight: str, names: set[str]) -> str | None:
+    """The checkpoint name of an adapter's weight (exact, else a unique suffix match)."""
+    if weight in names:
+        return weight
+    hits = [n for n in names if n.endswith("." + weight) or weight.endswith("." + n)]
+    return hits[0] if len(hits) == 1 else None
+
+
+def _progress_callback(progress: Progress, total: int) -> tuple[Callable[[int, int, str], Any], Callable[[], None]]:
+    if progress is True:
+        import sys
+
+        from tqdm.auto import tqdm
+        bar = tqdm(total=total, desc="diffing weights", unit="tensor", file=sys.stderr, leave=False)
+
+        def advance(i: int, n: int, name: str) -> None:
+            bar.update(1)
+        return advance, bar.close
+    if callable(progress):
+        return progress, (lambda: None)
+    return (lambda i, n, name: None), (lambda: None)
+
+
+def diff_weights(base_dir: str | Path, merged_dir: str | Path, *, adapter_dir: str | Path | None = None,
+                 target_modules: Sequence[str] | str | None = None, adapter_rank: int | None = None,
+                 top_k: int = 32, progress: Progress = None) -> WeightDiff:
+    """Stream BASE and MERGED tensor by tensor and describe ΔW = W_merged − W_base.
+
+    base_dir / merged_dir: checkpoint directories (single model.safetensors or a shard index)
+    or single .safetensors files. adapter_dir: the PEFT LoRA adapter that was merged; its
+    modules become the target modules, its rank the expected rank, and each targeted matrix
+    gets the exact adapter spectrum beside the measured one. target_modules: PEFT-style
+    targets (list of module-name suffixes, a regex, or "all-linear") when no adapter is
+    given, or to override it. adapter_rank: the LoRA rank r when no adapter is given.
+    top_k: singular values kept per matrix. progress: callable(i, n, name) after each
+    tensor, or True for a tqdm bar on stderr.
+    """
+    base_cat = checkpoint_catalogue(base_dir)
+    merged_cat = checkpoint_catalogue(merged_dir)
+    adapter = _Adapter(adapter_dir) if adapter_dir is not None else None
+    if adapter is not None and adapter_rank is None and adapter.is_lora and adapter.config.get("r"):
+        adapter_rank = int(adapter.config["r"])
+    targets = _Targets(target_modules, adapter)
+
+    common = sorted(set(base_cat) & set(merged_cat), key=_natural_key)
+    missing = sorted(set(base_cat) - set(merged_cat), key=_natural_key)
+    extra = sorted(set(merged_cat) - set(base_cat), key=_natural_key)
+    tied = [n for n in missing + extra if _is_head(n)]
+    missing = [n for n in missing if n not in tied]
+    extra = [n for n in extra if n not in tied]
+    if not any(base_cat[n].shape == merged_cat[n].shape for n in common):
+        raise AttnprofError(f"{base_dir} and {merged_dir} share no tensor of the same name and shape: "
+                            "not the same architecture")
+
+    adapter_plan: dict[str, str] = {}          # checkpoint name -> adapter weight key
+    adapter_missing: list[str] = []
+    if adapter is not None and adapter.is_lora:
+        names = set(common)
+        for weight, entry in adapter.entries.items():
+            found = _resolve(weight, names)
+            if found is None:
+                adapter_missing.append(entry.module)
+            else:
+                adapter_plan[found] = weight
+
+    advance, close = _progress_callback(progress, len(common))
+    tensors: list[TensorDiff] = []
+    adapter_misfit: list[str] = []
+    try:
+        with ExitStack() as stack:
+            readers = _Readers(stack)
+            adapter_handle = stack.enter_context(_open(adapter.file)) if adapter_plan else None
+            for i, name in enumerate(common):
+                ib, im = base_cat[name], merged_cat[name]
+                ad = adapter.delta(adapter_plan[name], adapter_handle) if name in adapter_plan else None
+                td, fits = _diff_pair(name, ib, im, readers, targets(name, len(ib.shape)), ad,
+                                      adapter_rank, top_k)
+                if not fits:
+                    adapter_misfit.append(ad.module)
+                tensors.append(td)
+                advance(i + 1, len(common), name)
+    finally:
+        close()
+
+    flags = _flags(tensors, missing, extra, tied, adapter, adapter_missing, adapter_misfit,
+                   adapter_rank, targets.known)
+    ranks = [t.signal_rank for t in tensors if t.signal_rank is not None]
+    rels = [t.rel_norm for t in tensors if t.rel_norm is not None]
+    return WeightDiff(
+        base=str(base_dir), merged=str(merged_dir),
+        adapter=str(adapter.path) if adapter is not None else None,
+        target_modules=list(target_modules) if isinstance(target_modules, (list, tuple)) else target_modules,
+        adapter_rank=adapter_rank,
+        num_tensors=len(tensors),
+        num_changed=sum(t.changed for t in tensors),
+        num_rounding_only=sum(t.status == ROUNDING_ONLY for t in tensors),
+        num_outside_targets=sum(t.changed and t.in_targets is False for t in tensors),
+        num_missing=len(missing), num_extra=len(extra),
+        max_signal_rank=max(ranks) if ranks else None,
+        max_rel_norm=max(rels) if rels else None,
+        flags=flags, tensors=tensors, missing=missing, extra=extra,
+    )
