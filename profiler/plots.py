@@ -19,7 +19,7 @@ from matplotlib.axes import Axes
 from matplotlib.colors import BoundaryNorm, ListedColormap, LogNorm, Normalize
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
-from matplotlib.ticker import NullFormatter
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 from PIL import Image
 
 from .rules import REGIMES
@@ -155,6 +155,20 @@ def _mark_cells(ax: Axes, cells: Iterable[tuple[int, int]], color: str = "black"
                                linewidth=lw))
 
 
+def _annotate_cells(ax: Axes, image: Any, grid: np.ndarray, fmt: str) -> None:
+    """Write each finite value into its cell when the cells are large enough to hold it."""
+    L, H = grid.shape
+    width_in, height_in = _axes_size_in(ax)
+    if min(width_in / H, height_in / L) < 0.38:
+        return
+    for (layer, head), value in np.ndenumerate(grid):
+        if math.isfinite(value):
+            r, g, b, _ = image.cmap(image.norm(value))
+            dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5
+            ax.text(head, layer, format(value, fmt), ha="center", va="center", fontsize=8.5,
+                    color="white" if dark else "black")
+
+
 # --- per-head maps ---------------------------------------------------------------------------
 
 @styled
@@ -175,6 +189,7 @@ def plot_gamma_heatmap(profile_json: Mapping[str, Any], ax: Axes | None = None,
     im = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=vmin, vmax=max(vmax, vmin + 1e-6),
                    aspect="auto")
     _heatmap_axes(ax, L, H)
+    _annotate_cells(ax, im, grid, ".2f")
     name = profile_json.get("model", {}).get("name", "")
     ax.set_title(title if title is not None else f"γ per head — {name}".rstrip(" —"))
     if colorbar:
@@ -215,6 +230,7 @@ def plot_dgamma_heatmap(diff_json: Mapping[str, Any], ax: Axes | None = None) ->
     cmap = matplotlib.colormaps["RdBu_r"].with_extremes(bad=MISSING_COLOR)
     im = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=-lim, vmax=lim, aspect="auto")
     _heatmap_axes(ax, L, H)
+    _annotate_cells(ax, im, grid, "+.2f")
     shifted = [(x["layer"], x["head"]) for x in heads if x.get("shifted")]
     _mark_cells(ax, shifted, lw=1.6 if L * H <= 256 else 0.9)
     ax.set_title(f"Δγ merged − base (□ shifted: {len(shifted)})")
@@ -256,8 +272,7 @@ def _regime_legend(fig: Figure, present: set[str]) -> None:
     handles = [Patch(facecolor=REGIME_COLORS[r], edgecolor="#555555",
                      label=f"{r} ({REGIME_ABBREV[r]})") for r in REGIMES if r in present]
     if handles:
-        fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 4),
-                   frameon=False, title="regime")
+        fig.legend(handles=handles, loc="outside right upper", frameon=False, title="regime")
 
 
 @styled
@@ -266,7 +281,7 @@ def plot_regime_map(profile_json: Mapping[str, Any]) -> Figure:
     heads = profile_json["heads"]
     shape = grid_shape(heads, profile_json.get("model"))
     w, h = heatmap_panel_size(*shape)
-    fig = new_figure(max(w, 4.6), h + 0.9)
+    fig = new_figure(w + 1.2, h)
     name = profile_json.get("model", {}).get("name", "")
     _regime_panel(fig.add_subplot(), heads, "regime", shape,
                   f"regime per head — {name}".rstrip(" —"))
@@ -280,7 +295,7 @@ def plot_regime_maps(diff_json: Mapping[str, Any]) -> Figure:
     heads = diff_json["heads"]
     shape = grid_shape(heads)
     w, h = heatmap_panel_size(*shape)
-    fig = new_figure(max(2 * (w - 0.6), 5.0), h + 0.9)
+    fig = new_figure(2 * (w - 0.6) + 1.7, h)
     axes = fig.subplots(1, 2)
     _regime_panel(axes[0], heads, "regime_base", shape, "regime base")
     _regime_panel(axes[1], heads, "regime_merged", shape, "regime merged (□ changed)")
@@ -300,12 +315,21 @@ def _power_line(ax: Axes, d0: float, d1: float, gamma: float, intercept: float, 
     ax.plot(d, np.exp(intercept) * d ** -gamma, **kw)
 
 
-def tidy_log_y(ax: Axes, min_decades: float = 1.2) -> None:
-    """Widen a log y axis to span at least `min_decades` and drop minor tick labels."""
+def tidy_log_y(ax: Axes, min_decades: float = 0.8) -> None:
+    """Make a log y axis readable: at least `min_decades` tall; short ranges get 1-2-5 ticks
+    labelled as plain numbers instead of sparse powers of ten."""
     lo, hi = ax.get_ylim()
-    if lo > 0 and hi > lo and math.log10(hi / lo) < min_decades:
-        pad = (min_decades - math.log10(hi / lo)) / 2
-        ax.set_ylim(lo / 10 ** pad, hi * 10 ** pad)
+    if not (lo > 0 and hi > lo):
+        return
+    span = math.log10(hi / lo)
+    if span < min_decades:
+        pad = (min_decades - span) / 2
+        lo, hi = lo / 10 ** pad, hi * 10 ** pad
+        ax.set_ylim(lo, hi)
+        span = min_decades
+    if span < 2.5:
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
     ax.yaxis.set_minor_formatter(NullFormatter())
 
 
@@ -315,12 +339,29 @@ def _fmt_ci(ci: Sequence[Any] | None) -> str:
     return f" [{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
+def _distances(distances: np.ndarray | None, size: int) -> np.ndarray:
+    """The distance of each curve point: curves.npz's `distances`, else the index 0..D-1."""
+    if distances is None:
+        return np.arange(size, dtype=float)
+    d = np.asarray(distances, dtype=float)
+    if d.shape != (size,):
+        raise ValueError(f"distances has shape {d.shape}, curves have {size} points")
+    return d
+
+
+def _line_style(n_points: int) -> dict[str, Any]:
+    """Markers for sparse curves (e.g. the anchor estimator's 9 distances), plain lines otherwise."""
+    return {"marker": "o", "markersize": 3.5} if n_points <= 40 else {}
+
+
 @styled
-def plot_model_decay(profiles: Mapping[str, tuple[Mapping[str, Any], np.ndarray]]) -> Figure:
+def plot_model_decay(profiles: Mapping[str, tuple[Any, ...]]) -> Figure:
     """Model-mean A(d) on log-log axes with the fitted power law, probe spread and γ_Padé.
 
-    `profiles` maps a role ("model", or "base" and "merged") to (profile.json, A) where A is
-    curves.npz's (N, L, H, D) array. With two profiles a lower panel shows merged / base.
+    `profiles` maps a role ("model", or "base" and "merged") to (profile.json, A) or
+    (profile.json, A, distances), where A is curves.npz's (N, L, H, D) array and distances its
+    optional `distances` (default: d is the index). With two profiles a lower panel shows
+    merged / base.
     """
     roles = list(profiles)
     pair = len(roles) == 2
@@ -329,25 +370,29 @@ def plot_model_decay(profiles: Mapping[str, tuple[Mapping[str, Any], np.ndarray]
         ax, rax = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
     else:
         ax, rax = fig.add_subplot(), None
-    means: dict[str, np.ndarray] = {}
+    means: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     pade_drawn = False
     for i, role in enumerate(roles):
-        pj, A = profiles[role]
+        pj, A, *rest = profiles[role]
         A = np.asarray(A, dtype=np.float64)
         per_probe = A.reshape(A.shape[0], -1, A.shape[-1]).mean(axis=1) if A.ndim == 4 else A[None]
+        d = _distances(rest[0] if rest else None, per_probe.shape[-1])
+        keep = d > 0
+        d, per_probe = d[keep], per_probe[:, keep]
         mean = per_probe.mean(axis=0)
-        means[role] = mean
-        d = np.arange(mean.size)
+        means[role] = (d, mean)
         color = MODEL_COLORS.get(role, f"C{i}")
         name = pj.get("model", {}).get("name", role)
         ml = pj.get("model_level", {})
         if per_probe.shape[0] > 1:
             lo, hi = np.percentile(per_probe, [10, 90], axis=0)
-            ax.fill_between(d[1:], lo[1:], hi[1:], color=color, alpha=0.18, linewidth=0,
+            ax.fill_between(d, lo, hi, color=color, alpha=0.18, linewidth=0,
                             label=f"{role}: probe spread (10–90 %)")
-        ax.plot(d[1:], mean[1:], color=color, linewidth=1.3, label=f"{role}: mean A(d) — {name}")
+        ax.plot(d, mean, color=color, linewidth=1.3, label=f"{role}: mean A(d) — {name}",
+                **_line_style(d.size))
         fit = pj.get("fit", {})
-        d0, d1 = _num(fit.get("d_min", 1)), _num(fit.get("d_max", mean.size - 1))
+        d0 = _num(fit.get("d_min", d[0] if d.size else 1))
+        d1 = _num(fit.get("d_max", d[-1] if d.size else 2))
         gamma, icpt = _num(ml.get("gamma")), _num(ml.get("intercept"))
         _power_line(ax, d0, d1, gamma, icpt, color=FIT_COLORS.get(role, color), linestyle="--",
                     linewidth=2, zorder=3,
@@ -358,7 +403,7 @@ def plot_model_decay(profiles: Mapping[str, tuple[Mapping[str, Any], np.ndarray]
             _power_line(ax, d0, d1, pade, anchor, color="#444444", linestyle=":", linewidth=2,
                         label=f"γ_Padé = {pade:.3f} (closed form, RoPE)")
             pade_drawn = True
-        if i == 0:
+        if i == 0 and math.isfinite(d0) and math.isfinite(d1):
             ax.axvspan(d0, d1, color="#000000", alpha=0.04, linewidth=0)
     ax.set_xscale("log")
     ax.set_yscale("log")
@@ -368,11 +413,12 @@ def plot_model_decay(profiles: Mapping[str, tuple[Mapping[str, Any], np.ndarray]
     fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", frameon=False,
                ncols=2)
     if rax is not None:
-        base, merged = means[roles[0]], means[roles[1]]
-        n = min(base.size, merged.size)
+        (db, base), (dm, merged) = means[roles[0]], means[roles[1]]
+        common, ib, im = np.intersect1d(db, dm, return_indices=True)
         with np.errstate(divide="ignore", invalid="ignore"):
-            ratio = merged[1:n] / base[1:n]
-        rax.plot(np.arange(1, n), ratio, color=MODEL_COLORS["merged"], linewidth=1.1)
+            ratio = merged[im] / base[ib]
+        rax.plot(common, ratio, color=MODEL_COLORS["merged"], linewidth=1.1,
+                 **_line_style(common.size))
         rax.axhline(1.0, color="#444444", linewidth=0.8)
         rax.set_ylabel(f"{roles[1]} / {roles[0]}")
         rax.set_xlabel("distance d (tokens)")
@@ -393,42 +439,47 @@ def _top_heads(diff_json: Mapping[str, Any], k: int) -> tuple[list[Mapping[str, 
 @styled
 def plot_top_shifted(diff_json: Mapping[str, Any], base_A: np.ndarray, merged_A: np.ndarray,
                      base_profile: Mapping[str, Any] | None = None,
-                     merged_profile: Mapping[str, Any] | None = None, k: int = TOP_HEADS) -> Figure:
+                     merged_profile: Mapping[str, Any] | None = None, k: int = TOP_HEADS,
+                     distances: np.ndarray | None = None) -> Figure:
     """Small multiples of base vs merged A(d) (log-log) for the heads that moved most.
 
-    With the profiles given, their per-head power-law fits are drawn over the fit range.
+    A arrays are (N, L, H, D) or probe means (L, H, D); `distances` is curves.npz's optional
+    distance axis. With the profiles given, their per-head power-law fits are drawn.
     """
     top, significant = _top_heads(diff_json, k)
     base_m, merged_m = mean_curves(base_A), mean_curves(merged_A)
+    d_all = _distances(distances, base_m.shape[-1])
+    keep = d_all > 0
     n = max(1, len(top))
     ncols = min(4, n)
     nrows = math.ceil(n / ncols)
-    fig = new_figure(2.75 * ncols, 2.35 * nrows + 0.7)
+    fig = new_figure(2.75 * ncols, 2.6 * nrows + 0.9)
     axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
     fits = {}
     for role, pj in (("base", base_profile), ("merged", merged_profile)):
         if pj is not None:
             fits[role] = ({(h["layer"], h["head"]): h for h in pj["heads"]}, pj.get("fit", {}))
+    handles: dict[str, Any] = {}
     for ax, h in zip(axes, top):
         layer, head = h["layer"], h["head"]
         for role, curves in (("base", base_m), ("merged", merged_m)):
-            y = curves[layer, head]
-            d = np.arange(1, y.size)
-            g = _num(h.get(f"gamma_{role}"))
-            ax.plot(d, y[1:], color=MODEL_COLORS[role], linewidth=1.0, alpha=0.85,
-                    label=f"{role} γ={g:.2f}")
-            if role in fits:
-                hf, fit = fits[role][0].get((layer, head)), fits[role][1]
-                if hf is not None:
-                    _power_line(ax, _num(fit.get("d_min", 1)), _num(fit.get("d_max", y.size - 1)),
-                                _num(hf.get("gamma")), _num(hf.get("intercept")),
-                                color=FIT_COLORS[role], linestyle="--", linewidth=1.5, zorder=3)
+            y = curves[layer, head][keep]
+            handles[role] = ax.plot(d_all[keep], y, color=MODEL_COLORS[role], linewidth=1.0,
+                                    alpha=0.85, **_line_style(y.size))[0]
+            hf = fits[role][0].get((layer, head)) if role in fits else None
+            if hf is not None:
+                fit = fits[role][1]
+                _power_line(ax, _num(fit.get("d_min", 1)), _num(fit.get("d_max", d_all[-1])),
+                            _num(hf.get("gamma")), _num(hf.get("intercept")),
+                            color=FIT_COLORS[role], linestyle="--", linewidth=1.5, zorder=3)
+                handles[f"{role} fit"] = ax.get_lines()[-1]
         ax.set_xscale("log")
         ax.set_yscale("log")
         tidy_log_y(ax)
-        ax.set_title(f"L{layer} H{head}  Δγ={_num(h['dgamma']):+.3f}{_fmt_ci(h.get('dgamma_ci'))}",
+        ax.set_title(f"L{layer} H{head}  Δγ = {_num(h['dgamma']):+.3f}{_fmt_ci(h.get('dgamma_ci'))}\n"
+                     f"γ {_num(h.get('gamma_base')):.2f} → {_num(h.get('gamma_merged')):.2f}",
                      fontsize=9.5)
-        ax.legend(loc="lower left", frameon=False, fontsize=8.5, handlelength=1.2)
+        ax.set_xlabel("distance d (tokens)", fontsize=9)
         ax.tick_params(labelsize=8.5)
     for ax in axes[len(top):]:
         ax.set_visible(False)
@@ -436,10 +487,15 @@ def plot_top_shifted(diff_json: Mapping[str, Any], base_A: np.ndarray, merged_A:
         axes[0].set_visible(True)
         axes[0].axis("off")
         axes[0].text(0.5, 0.5, "no head has a finite Δγ", ha="center", va="center")
-    fig.supxlabel("distance d (tokens)", fontsize=10)
     fig.supylabel("A(d)", fontsize=10)
-    what = "shifted heads, largest |Δγ|" if significant else "largest |Δγ| — not significant (no head shifted)"
-    fig.suptitle(f"Heads that moved most: {what}; dashed: per-head power-law fits")
+    what = ("shifted heads, largest |Δγ|" if significant
+            else "largest |Δγ| — not significant (no head shifted)")
+    fig.suptitle(f"Heads that moved most: {what}")
+    if handles:
+        labels = {"base": "base A(d)", "merged": "merged A(d)", "base fit": "base power-law fit",
+                  "merged fit": "merged power-law fit"}
+        fig.legend(list(handles.values()), [labels[k] for k in handles], loc="outside lower center",
+                   ncols=len(handles), frameon=False)
     return fig
 
 

@@ -46,6 +46,12 @@ class ModelData:
     def name(self) -> str:
         return str(self.profile.get("model", {}).get("name") or self.role)
 
+    @property
+    def distances(self) -> np.ndarray:
+        """The distance of each point of A's last axis (curves.npz `distances`, else 0..D-1)."""
+        d = self.arrays.get("distances")
+        return np.arange(self.A.shape[-1]) if d is None else d
+
 
 @dataclass
 class RunData:
@@ -105,6 +111,10 @@ def _load_model(folder: Path, role: str) -> ModelData:
     A = curves.pop("A")
     if A.ndim != 4:
         raise AttnprofError(f"{folder / 'curves.npz'}: A must be (N, L, H, D), got shape {A.shape}")
+    distances = curves.get("distances")
+    if distances is not None and distances.shape != (A.shape[-1],):
+        raise AttnprofError(f"{folder / 'curves.npz'}: distances has shape {distances.shape}, "
+                            f"A has {A.shape[-1]} distances")
     ids = None
     if (folder / "probes.npz").exists():
         ids = _read_npz(folder / "probes.npz", ["input_ids"])["input_ids"]
@@ -146,7 +156,7 @@ def load_run(run_dir: str | Path) -> RunData:
 
 def figure_specs(data: RunData) -> list[FigureSpec]:
     """The figures of this run's report, in page order."""
-    decay_inputs = {role: (m.profile, m.A) for role, m in data.models.items()}
+    decay_inputs = {role: (m.profile, m.A, m.distances) for role, m in data.models.items()}
     specs = [FigureSpec(
         "decay.png", "Model-level decay",
         "Log-log plot of the model-mean attention weight A(d) against distance d, with the fitted "
@@ -188,7 +198,7 @@ def figure_specs(data: RunData) -> list[FigureSpec]:
                    "with the largest change in gamma.",
                    "Probe-mean A(d) per head; title: Δγ with its paired bootstrap CI.",
                    lambda: plots.plot_top_shifted(diff, base.A, merged.A, base.profile,
-                                                  merged.profile)),
+                                                  merged.profile, distances=base.distances)),
         FigureSpec("transitions.png", "Regime transitions",
                    "Matrix of regime transition counts, base regime rows by merged regime columns.",
                    "Counts of heads; the diagonal (boxed) keeps its label.",
@@ -505,8 +515,10 @@ def _footer(data: RunData) -> str:
              ("window W", probes.get("window")), ("estimator", probes.get("estimator")),
              ("fit range", f"d ∈ [{fit.get('d_min')}, {fit.get('d_max')}]"),
              ("bootstrap", f"{fit.get('bootstrap')} resamples, CI level {fit.get('ci_level')}")]
-    models = [(f"model ({role})", f"{m.name} — {m.profile.get('model', {}).get('source', '')}")
+    models = [(f"model ({role})", _model_line(m.profile.get("model", {}), m.name))
               for role, m in data.models.items()]
+    if probes.get("fingerprint"):
+        repro.append(("probe fingerprint", probes["fingerprint"]))
     files = data.run.get("files") or {}
     hashes = (table(["file", "sha256"], [[f, Cell(h, cls="hash")] for f, h in sorted(files.items())],
                     sortable=False) if files else '<p class="muted">run.json lists no files.</p>')
@@ -518,6 +530,14 @@ def _footer(data: RunData) -> str:
             "<p class=\"muted\">Closed-form γ_Padé: Marín 2026, “Predicting How Transformers "
             "Attend”, Part I, doi:10.5281/zenodo.19826343. Rendered by attnprof "
             f"{_e(__version__)} from the stored JSON/npz files only.</p></footer>")
+
+
+def _model_line(model: Mapping[str, Any], name: str) -> str:
+    """Name, source and the loading details that change numbers (dtype, quantisation)."""
+    parts = [name, str(model.get("source") or "")]
+    parts += [f"{k} {model[k]}" for k in ("architecture", "dtype", "quantization", "sliding_window")
+              if model.get(k) not in (None, "")]
+    return " — ".join(p for p in parts if p)
 
 
 def _section(anchor: str, title: str, body: str) -> str:

@@ -239,3 +239,22 @@ def test_plot_functions_take_plain_data(runs: dict[str, Path]) -> None:
     assert np.isnan(plots.head_grid([{"layer": 0, "head": 1, "gamma": None}], "gamma", (1, 2))).all()
     assert report.figure_specs(data)[0].filename == "decay.png"
     assert re.fullmatch(r"[a-z_]+\.png", report.figure_specs(data)[-1].filename)
+
+
+def test_sparse_distance_axis_is_used(tmp_path: Path) -> None:
+    """curves.npz may carry `distances` (e.g. the anchor estimator's 9 distances)."""
+    run = write_run(tmp_path / "anchor", kind="single")
+    with np.load(run / "curves.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    keep = np.array([10, 20, 30, 50, 100, 150, 190])
+    np.savez_compressed(run / "curves.npz", **{**arrays, "A": arrays["A"][..., keep],
+                                               "distances": keep})
+    data = load_run(run)
+    assert data.primary.distances.tolist() == keep.tolist()
+    fig = plots.plot_model_decay({"model": (data.primary.profile, data.primary.A, keep)})
+    x = fig.axes[0].get_lines()[0].get_xdata()
+    assert list(x) == keep.tolist()
+    render_report(run)
+    np.savez_compressed(run / "curves.npz", **{**arrays, "distances": keep})
+    with pytest.raises(AttnprofError, match="distances"):
+        load_run(run)
