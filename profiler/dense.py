@@ -1,0 +1,360 @@
+"""Dense distance estimator: every query's attention, normalised against uniform, binned by distance.
+
+For one attention layer call (post-RoPE `query` (B, H, T, D), `key` (B, KV, T, D) with GQA
+unexpanded: head h reads kv head h // (H // KV)) and for every head:
+
+    D_h(d) = (1 / c(d)) · Σ_{i : key i−d visible from i} n_i · P_h[i, i−d],   d = 0 … T−1
+
+P_h[i, ·] is the softmax of query i over its visible keys (key j is visible iff j ≤ i, and
+i − window < j with a sliding window), n_i is the number of visible keys of row i
+(i + 1, or min(i + 1, window)), and c(d) is the number of queries that see a key at distance d
+(T − d for d < window, else 0; see `dense_counts`). Multiplying by n_i normalises against
+uniform attention: a head that attends uniformly gives exactly 1.0 at every visible distance.
+D(0) is the mean over all T queries of n_i · P[i, i] (self-attention relative to uniform).
+Distances no query can see (d ≥ window) have c(d) = 0 and are NaN: an empty mean, never to be
+mistaken for "no attention".
+
+`scaling` is the logit scale the layer uses (None: 1/sqrt(D), as transformers' sdpa path).
+Three entry points, all returning a float32 (B, H, T) tensor:
+- `dense_profile_reference`: chunked torch (CPU or GPU), O(chunk · T) extra memory per head.
+- `dense_profile_triton`: two Triton kernels (CUDA, or Triton's CPU interpreter with
+  TRITON_INTERPRET=1), O(T) extra memory.
+- `dense_profile`: picks one of them.
+Padding masks are not modelled: every position 0 … T−1 is a real token.
+"""
+import dataclasses
+import functools
+import math
+import os
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "TritonBlocks",
+    "dense_counts",
+    "dense_profile",
+    "dense_profile_reference",
+    "dense_profile_triton",
+    "triton_available",
+]
+
+
+def _check_inputs(query: torch.Tensor, key: torch.Tensor, sliding_window: int | None) -> int:
+    """Validate shapes/dtypes and return the effective window (T when there is none)."""
+    if query.dim() != 4 or key.dim() != 4:
+        raise ValueError(f"query and key must be 4-D (B, H, T, D) and (B, KV, T, D); "
+                         f"got {tuple(query.shape)} and {tuple(key.shape)}")
+    batch, heads, length, dim = query.shape
+    kb, kv_heads, kt, kd = key.shape
+    if (kb, kt, kd) != (batch, length, dim):
+        raise ValueError(f"key {tuple(key.shape)} does not match query {tuple(query.shape)} "
+                         f"in batch, length or head dim")
+    if kv_heads < 1 or heads % kv_heads:
+        raise ValueError(f"{heads} query heads cannot share {kv_heads} key/value heads")
+    if length < 1:
+        raise ValueError("sequence length must be at least 1")
+    if not (query.is_floating_point() and key.is_floating_point()):
+        raise ValueError(f"query and key must be floating point, got {query.dtype} and {key.dtype}")
+    if sliding_window is None:
+        return length
+    if isinstance(sliding_window, bool) or int(sliding_window) != sliding_window or sliding_window < 1:
+        raise ValueError(f"sliding_window must be a positive integer or None, got {sliding_window!r}")
+    return min(int(sliding_window), length)
+
+
+def _scale(scaling: float | None, head_dim: int) -> float:
+    """The logit scale; None means 1/sqrt(D), as in transformers' sdpa path."""
+    return head_dim ** -0.5 if scaling is None else float(scaling)
+
+
+def dense_counts(length: int, sliding_window: int | None = None,
+                 device: torch.device | str | None = None) -> torch.Tensor:
+    """c(d), the number of queries that see a key at distance d: (T,) int64, T − d or 0.
+
+    These are the denominators of the dense profile; bootstrap or pooling over probes of
+    different lengths should weight by them.
+    """
+    window = length if sliding_window is None else min(int(sliding_window), length)
+    dist = torch.arange(length, device=device)
+    return torch.where(dist < window, length - dist, torch.zeros_like(dist))
+
+
+def _finish(sums: torch.Tensor, window: int) -> torch.Tensor:
+    """Divide the per-distance sums (B, H, T) by c(d); NaN where no query sees that distance."""
+    counts = dense_counts(sums.shape[-1], window, device=sums.device)
+    profile = sums / counts.clamp(min=1).to(sums.dtype)
+    return profile.masked_fill(counts == 0, float("nan"))
+
+
+def dense_profile_reference(query: torch.Tensor, key: torch.Tensor, scaling: float | None,
+                            sliding_window: int | None = None, chunk: int = 256) -> torch.Tensor:
+    """Chunked torch implementation of the dense profile, (B, H, T) float32.
+
+    Queries are processed `chunk` rows at a time against only the keys they can see, so the
+    largest temporaries are (B, H, chunk, min(T, chunk + window)) fp32: never T × T.
+    Scores are computed in fp32 from upcast inputs with a max-subtracted softmax.
+    Distance binning uses the skew trick: flipping the key order makes distance r + c along
+    anti-diagonals; padding each of the C rows with C zeros and re-reading the buffer with a
+    row width one shorter shifts row r right by r, so a column sum yields the per-distance sums.
+    """
+    window = _check_inputs(query, key, sliding_window)
+    if chunk < 1:
+        raise ValueError(f"chunk must be positive, got {chunk}")
+    batch, heads, length, dim = query.shape
+    kv_heads = key.shape[1]
+    q = query.unflatten(1, (kv_heads, heads // kv_heads))      # (B, KV, G, T, D), head = kv·G + g
+    k = key.float().unsqueeze(2)                               # (B, KV, 1, T, D)
+    sums = torch.zeros(batch, kv_heads, heads // kv_heads, length,
+                       dtype=torch.float32, device=query.device)
+    for start in range(0, length, chunk):
+        end = min(start + chunk, length)
+        rows = end - start
+        first_key = max(0, start - window + 1)
+        span = end - first_key
+        keys_rev = k[..., first_key:end, :].flip(-2)           # column c is key end − 1 − c
+        scores = q[..., start:end, :].float() @ keys_rev.transpose(-1, -2)
+        scores.mul_(_scale(scaling, dim))
+        i = torch.arange(start, end, device=query.device).unsqueeze(1)
+        j = (end - 1) - torch.arange(span, device=query.device).unsqueeze(0)
+        scores.masked_fill_((j > i) | (j <= i - window), float("-inf"))
+        weights = scores.sub_(scores.amax(-1, keepdim=True)).exp_()
+        visible_keys = torch.clamp(i + 1, max=window).to(torch.float32)
+        # n_i / l_i as one row factor: uniform rows give exp(0) · (n / n) = 1.0 exactly.
+        weights.mul_(visible_keys / weights.sum(-1, keepdim=True))
+        # Row r, column c sits at distance d = (1 − rows) + r + c; skew so r + c is a column.
+        skewed = F.pad(weights, (0, rows)).flatten(-2)[..., : rows * (span + rows - 1)]
+        per_distance = skewed.unflatten(-1, (rows, span + rows - 1)).sum(-2)
+        sums[..., :span] += per_distance[..., rows - 1:]
+    return _finish(sums.flatten(1, 2), window)
+
+
+@dataclasses.dataclass(frozen=True)
+class TritonBlocks:
+    """Tile sizes of the two Triton kernels (powers of two, at least 16 for tl.dot).
+
+    stats_m × stats_n: query × key tile of the softmax-statistics pass.
+    rows × dists: query × distance tile of the binning pass; one program owns `dists`
+    distances and `rows_per_program` queries and keeps their sums in registers.
+    The defaults (`for_dtype`) compile for sm_90 without register spills at head dims 64
+    and 128 (checked with ptxas); they are not tuned by timing.
+    """
+
+    stats_m: int = 64
+    stats_n: int = 64
+    rows: int = 16
+    dists: int = 64
+    rows_per_program: int = 256
+    num_warps: int = 8
+
+    def __post_init__(self) -> None:
+        for name in ("stats_m", "stats_n", "rows", "dists", "rows_per_program"):
+            value = getattr(self, name)
+            if value < 16 or value & (value - 1):
+                raise ValueError(f"TritonBlocks.{name} must be a power of two >= 16, got {value}")
+        if self.dists < self.rows or self.rows_per_program < self.rows:
+            raise ValueError("TritonBlocks.dists and rows_per_program must be multiples of rows")
+
+    @classmethod
+    def for_dtype(cls, dtype: torch.dtype) -> "TritonBlocks":
+        """Defaults per input dtype: fp32 tiles hold twice the bytes, so halve the stats rows."""
+        return cls(stats_m=32) if dtype == torch.float32 else cls()
+
+
+@functools.cache
+def _triton_kernels() -> dict[str, Any] | None:
+    """Import triton and define the kernels on first use; None when triton is missing."""
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        return None
+
+    @triton.jit
+    def row_stats_kernel(q_ptr, k_ptr, m_ptr, l_ptr, T, H, G, window, qk_scale,
+                         stride_qb, stride_qh, stride_qt, stride_qd,
+                         stride_kb, stride_kh, stride_kt, stride_kd,
+                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
+        # Pass 1, flash style: online row max m_i and sum l_i of 2^(score·log2 e) over
+        # the visible keys of BLOCK_M queries. Scores are in log2 units (qk_scale has log2 e).
+        pid_m = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = (bh // H).to(tl.int64)
+        h = bh % H
+        q_base = q_ptr + b * stride_qb + h.to(tl.int64) * stride_qh
+        k_base = k_ptr + b * stride_kb + (h // G).to(tl.int64) * stride_kh
+        row_start = pid_m * BLOCK_M
+        rows = row_start + tl.arange(0, BLOCK_M)
+        dims = tl.arange(0, BLOCK_D)
+        q = tl.load(q_base + rows[:, None] * stride_qt + dims[None, :] * stride_qd,
+                    mask=(rows[:, None] < T) & (dims[None, :] < HEAD_DIM), other=0.0)
+        if DOT_FP32:
+            q = q.to(tl.float32)
+        m = tl.full([BLOCK_M], -1.0e30, tl.float32)
+        l = tl.zeros([BLOCK_M], tl.float32)
+        lo = tl.maximum(row_start - window + 1, 0) // BLOCK_N * BLOCK_N
+        hi = tl.minimum(row_start + BLOCK_M, T)
+        for n0 in range(lo, hi, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            k_t = tl.load(k_base + cols[None, :] * stride_kt + dims[:, None] * stride_kd,
+                          mask=(cols[None, :] < T) & (dims[:, None] < HEAD_DIM), other=0.0)
+            if DOT_FP32:
+                k_t = k_t.to(tl.float32)
+            s = tl.dot(q, k_t, input_precision=PRECISION) * qk_scale
+            visible = (cols[None, :] <= rows[:, None]) & (cols[None, :] > rows[:, None] - window)
+            s = tl.where(visible, s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            l = l * tl.exp2(m - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
+            m = m_new
+        row_ok = rows < T
+        tl.store(m_ptr + bh * T + rows, m, mask=row_ok)
+        tl.store(l_ptr + bh * T + rows, l, mask=row_ok)
+
+    @triton.jit
+    def distance_bins_kernel(q_ptr, k_ptr, m_ptr, l_ptr, out_ptr, T, H, G, window, qk_scale,
+                             stride_qb, stride_qh, stride_qt, stride_qd,
+                             stride_kb, stride_kh, stride_kt, stride_kd,
+                             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                             ROWS: tl.constexpr, DISTS: tl.constexpr, ROWS_PER_PROGRAM: tl.constexpr,
+                             PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
+        # Pass 2: queries q_lo … q_lo+ROWS_PER_PROGRAM−1 in tiles of ROWS rows starting at
+        # multiples i0 of ROWS. Tile row r, column c pairs query i0 + r with key i0 − d0 − c,
+        # i.e. distance d0 + r + c whatever i0 is, so the weights accumulate in registers and
+        # reach memory once per program (ROWS·DISTS atomics), not once per (query, key) pair.
+        # Each visible pair (i, d) lands in exactly one program: r = i mod ROWS and d0 the
+        # multiple of DISTS in (d − r − DISTS, d − r], hence d0 starts at −DISTS.
+        pid_d = tl.program_id(0)
+        pid_q = tl.program_id(1)
+        bh = tl.program_id(2)
+        d0 = (pid_d - 1) * DISTS
+        q_lo = pid_q * ROWS_PER_PROGRAM
+        start = tl.maximum(q_lo, d0)          # a query i < d0 sees no key at distance ≥ d0
+        end = tl.minimum(q_lo + ROWS_PER_PROGRAM, T)
+        if start < end:
+            b = (bh // H).to(tl.int64)
+            h = bh % H
+            q_base = q_ptr + b * stride_qb + h.to(tl.int64) * stride_qh
+            k_base = k_ptr + b * stride_kb + (h // G).to(tl.int64) * stride_kh
+            r = tl.arange(0, ROWS)
+            c = tl.arange(0, DISTS)
+            dims = tl.arange(0, BLOCK_D)
+            dist = d0 + r[:, None] + c[None, :]
+            acc = tl.zeros([ROWS, DISTS], tl.float32)
+            for i0 in range(start, end, ROWS):
+                rows = i0 + r
+                keys = i0 - d0 - c
+                row_ok = rows < T
+                q = tl.load(q_base + rows[:, None] * stride_qt + dims[None, :] * stride_qd,
+                            mask=row_ok[:, None] & (dims[None, :] < HEAD_DIM), other=0.0)
+                key_ok = (keys >= 0) & (keys < T)
+                k_t = tl.load(k_base + keys[None, :] * stride_kt + dims[:, None] * stride_kd,
+                              mask=key_ok[None, :] & (dims[:, None] < HEAD_DIM), other=0.0)
+                if DOT_FP32:
+                    q = q.to(tl.float32)
+                    k_t = k_t.to(tl.float32)
+                s = tl.dot(q, k_t, input_precision=PRECISION) * qk_scale
+                m_row = tl.load(m_ptr + bh * T + rows, mask=row_ok, other=0.0)
+                l_row = tl.load(l_ptr + bh * T + rows, mask=row_ok, other=1.0)
+                factor = tl.minimum(rows + 1, window).to(tl.float32) / l_row
+                visible = row_ok[:, None] & key_ok[None, :] & (dist >= 0) & (dist < window)
+                s = tl.where(visible, s - m_row[:, None], float("-inf"))
+                acc += tl.exp2(s) * factor[:, None]
+            tl.atomic_add(out_ptr + bh * T + dist, acc, mask=(dist >= 0) & (dist < window),
+                          sem="relaxed")
+
+    return {"triton": triton, "row_stats": row_stats_kernel, "distance_bins": distance_bins_kernel}
+
+
+def triton_available() -> bool:
+    """True when triton imports (the kernels still need CUDA tensors or TRITON_INTERPRET=1)."""
+    return _triton_kernels() is not None
+
+
+def _kernel_constants(dtype: torch.dtype, head_dim: int, blocks: TritonBlocks,
+                     interpreted: bool = False) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Compile-time arguments of (row_stats, distance_bins) and their launch options.
+
+    Shared with the tests, which compile the kernels ahead of time for a CUDA target.
+    """
+    # Triton's interpreter keeps bf16 as uint16 and its tl.dot cannot multiply them; upcast
+    # there (exact: bf16 × bf16 products are exact in fp32, as in the GPU's fp32 accumulator).
+    dot_fp32 = interpreted and dtype == torch.bfloat16
+    shared = dict(HEAD_DIM=head_dim, BLOCK_D=max(16, 1 << (head_dim - 1).bit_length()),
+                  PRECISION="ieee" if dtype == torch.float32 or dot_fp32 else "tf32",
+                  DOT_FP32=dot_fp32)
+    stats = dict(shared, BLOCK_M=blocks.stats_m, BLOCK_N=blocks.stats_n)
+    bins = dict(shared, ROWS=blocks.rows, DISTS=blocks.dists,
+                ROWS_PER_PROGRAM=blocks.rows_per_program)
+    # No FMA contraction: both passes round score = dot · scale alike, as the reference does.
+    options = dict(num_warps=blocks.num_warps, enable_fp_fusion=False)
+    return stats, bins, options
+
+
+def dense_profile_triton(query: torch.Tensor, key: torch.Tensor, scaling: float | None,
+                         sliding_window: int | None = None, *,
+                         blocks: TritonBlocks | None = None) -> torch.Tensor:
+    """Triton implementation of the dense profile, (B, H, T) float32, O(T) extra memory.
+
+    Pass 1 stores each row's softmax max and sum ((B, H, T) each); pass 2 recomputes the
+    scores tile by tile and bins n_i · P[i, j] by distance into a (B, H, T) fp32 buffer.
+    Inputs stay in their dtype (fp16/bf16 products are exact in the fp32 accumulator; fp32
+    inputs use IEEE fp32 dots, not TF32). Any strides are accepted, so transposed views
+    from (B, T, H, D) projections need no copy. Sums of floats reach the output through
+    atomics, so the last bit may differ between runs.
+    """
+    window = _check_inputs(query, key, sliding_window)
+    if not query.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 for "
+                         "Triton's CPU interpreter); use backend='torch' on CPU")
+    kernels = _triton_kernels()
+    if kernels is None:
+        raise RuntimeError("the triton backend needs the 'triton' package (pip install triton)")
+    if key.dtype != query.dtype:
+        key = key.to(query.dtype)
+    if query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        query, key = query.float(), key.float()
+    blocks = blocks or TritonBlocks.for_dtype(query.dtype)
+    triton = kernels["triton"]
+    batch, heads, length, dim = query.shape
+    stats_consts, bins_consts, options = _kernel_constants(query.dtype, dim, blocks,
+                                                         interpreted=not query.is_cuda)
+    runtime = dict(
+        T=length, H=heads, G=heads // key.shape[1], window=window,
+        qk_scale=_scale(scaling, dim) * math.log2(math.e),
+        stride_qb=query.stride(0), stride_qh=query.stride(1),
+        stride_qt=query.stride(2), stride_qd=query.stride(3),
+        stride_kb=key.stride(0), stride_kh=key.stride(1),
+        stride_kt=key.stride(2), stride_kd=key.stride(3),
+    )
+    row_max, row_sum = torch.empty(2, batch * heads * length, dtype=torch.float32,
+                                   device=query.device)
+    sums = torch.zeros(batch, heads, length, dtype=torch.float32, device=query.device)
+    grid = (triton.cdiv(length, blocks.stats_m), batch * heads)
+    kernels["row_stats"][grid](query, key, row_max, row_sum, **runtime, **stats_consts, **options)
+    grid = (triton.cdiv(window, blocks.dists) + 1, triton.cdiv(length, blocks.rows_per_program),
+            batch * heads)
+    kernels["distance_bins"][grid](query, key, row_max, row_sum, sums,
+                                   **runtime, **bins_consts, **options)
+    return _finish(sums, window)
+
+
+def dense_profile(query: torch.Tensor, key: torch.Tensor, scaling: float | None,
+                  sliding_window: int | None = None,
+                  backend: Literal["auto", "triton", "torch"] = "auto") -> torch.Tensor:
+    """Dense distance profile (B, H, T) float32; see the module docstring for the definition.
+
+    backend="auto" runs the Triton kernels on CUDA tensors when triton imports and the
+    chunked torch reference otherwise; "triton" or "torch" force one.
+    """
+    if backend == "torch":
+        return dense_profile_reference(query, key, scaling, sliding_window)
+    if backend == "triton":
+        return dense_profile_triton(query, key, scaling, sliding_window)
+    if backend != "auto":
+        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    if query.is_cuda and triton_available():
+        return dense_profile_triton(query, key, scaling, sliding_window)
+    return dense_profile_reference(query, key, scaling, sliding_window)

@@ -1,0 +1,315 @@
+"""Dense estimator: the chunked reference against a naive T × T computation, uniform attention
+giving exactly 1, the Triton kernels against the reference in Triton's CPU interpreter, an
+ahead-of-time compile of the kernels for sm_90, and the reference's peak memory.
+
+Triton runs happen in subprocesses (this file run as a script) because TRITON_INTERPRET must
+be set before triton is imported and must not leak into the rest of the suite.
+"""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from profiler.dense import (
+    TritonBlocks,
+    dense_counts,
+    dense_profile,
+    dense_profile_reference,
+    dense_profile_triton,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+NEEDS_TRITON = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+SMALL_BLOCKS = TritonBlocks(stats_m=16, stats_n=16, rows=16, dists=16, rows_per_program=32)
+
+
+def naive_profile(query: torch.Tensor, key: torch.Tensor, scaling: float,
+                  window: int | None = None) -> torch.Tensor:
+    """The definition, literally, in float64: full T × T softmax, then diagonal means."""
+    batch, heads, length, _ = query.shape
+    keys = key.double().repeat_interleave(heads // key.shape[1], dim=1)
+    scores = query.double() @ keys.transpose(-1, -2) * scaling
+    i = torch.arange(length).unsqueeze(1)
+    j = torch.arange(length).unsqueeze(0)
+    visible = (j <= i) & (j > i - (length if window is None else window))
+    weights = scores.masked_fill(~visible, float("-inf")).softmax(-1) * visible.sum(-1, keepdim=True)
+    out = torch.full((batch, heads, length), float("nan"), dtype=torch.float64)
+    for d in range(length):
+        diagonal = torch.diagonal(weights, offset=-d, dim1=-2, dim2=-1)
+        seen = torch.diagonal(visible, offset=-d)
+        if seen.any():
+            out[..., d] = diagonal[..., seen].mean(-1)
+    return out
+
+
+def random_qk(batch: int, heads: int, kv_heads: int, length: int, dim: int,
+              seed: int = 0, spread: float = 3.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs whose logits have std ≈ spread, so attention is far from uniform."""
+    gen = torch.Generator().manual_seed(seed)
+    query = torch.randn(batch, heads, length, dim, generator=gen) * spread
+    key = torch.randn(batch, kv_heads, length, dim, generator=gen)
+    return query, key
+
+
+@pytest.mark.parametrize("heads,kv_heads,length,window,chunk", [
+    (4, 4, 37, None, 8),      # MHA, T not a multiple of the chunk
+    (4, 2, 37, None, 16),     # GQA
+    (4, 2, 37, 5, 8),         # GQA + window smaller than the chunk
+    (6, 2, 50, 13, 7),        # window larger than the chunk, odd chunk
+    (4, 1, 20, 100, 256),     # window ≥ T behaves as causal; single chunk
+    (2, 2, 9, 3, 1),          # one query per chunk
+])
+def test_reference_matches_naive(heads: int, kv_heads: int, length: int,
+                                 window: int | None, chunk: int) -> None:
+    dim = 16
+    query, key = random_qk(2, heads, kv_heads, length, dim)
+    got = dense_profile_reference(query, key, dim ** -0.5, window, chunk=chunk)
+    want = naive_profile(query, key, dim ** -0.5, window)
+    assert got.dtype == torch.float32 and got.shape == (2, heads, length)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+@pytest.mark.parametrize("zero", ["query", "key"])
+@pytest.mark.parametrize("kv_heads,window", [(4, None), (2, None), (2, 7), (1, 1)])
+def test_uniform_attention_is_exactly_one(zero: str, kv_heads: int, window: int | None) -> None:
+    length = 70
+    query, key = random_qk(2, 4, kv_heads, length, 16)
+    if zero == "query":
+        query.zero_()
+    else:
+        key.zero_()
+    profile = dense_profile_reference(query, key, 0.3, window, chunk=32)
+    visible = dense_counts(length, window) > 0
+    assert torch.equal(profile[..., visible], torch.ones_like(profile[..., visible]))
+    assert profile[..., ~visible].isnan().all()
+
+
+def test_counts_and_masked_distances() -> None:
+    assert dense_counts(5).tolist() == [5, 4, 3, 2, 1]
+    assert dense_counts(5, 2).tolist() == [5, 4, 0, 0, 0]
+    assert dense_counts(3, 10).tolist() == [3, 2, 1]
+    query, key = random_qk(1, 2, 2, 12, 16)
+    profile = dense_profile_reference(query, key, 0.25, sliding_window=4)
+    assert profile[..., :4].isfinite().all() and profile[..., 4:].isnan().all()
+    # D(0) is the mean over all queries of n_i · P[i, i]; the first query sees only itself.
+    assert torch.isfinite(profile[..., 0]).all() and (profile[..., 0] > 0).all()
+
+
+def test_half_inputs_are_upcast() -> None:
+    query, key = random_qk(1, 4, 2, 40, 16)
+    for dtype in (torch.float16, torch.bfloat16):
+        q, k = query.to(dtype), key.to(dtype)
+        got = dense_profile_reference(q, k, 0.25, 9, chunk=16)
+        assert got.dtype == torch.float32
+        assert torch.equal(got.isnan(), dense_profile_reference(q.float(), k.float(), 0.25, 9).isnan())
+        torch.testing.assert_close(got, dense_profile_reference(q.float(), k.float(), 0.25, 9),
+                                   rtol=1e-6, atol=1e-6, equal_nan=True)
+
+
+def test_dispatch_and_validation() -> None:
+    query, key = random_qk(1, 4, 2, 30, 16)
+    want = dense_profile_reference(query, key, 0.25)
+    torch.testing.assert_close(dense_profile(query, key, 0.25), want, equal_nan=True)
+    torch.testing.assert_close(dense_profile(query, key, 0.25, backend="torch"), want, equal_nan=True)
+    with pytest.raises(ValueError, match="backend"):
+        dense_profile(query, key, 0.25, backend="cuda")
+    with pytest.raises(ValueError, match="share"):
+        dense_profile_reference(query, key[:, :1].expand(1, 3, 30, 16), 0.25)
+    with pytest.raises(ValueError, match="does not match"):
+        dense_profile_reference(query, key[:, :, :20], 0.25)
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="sliding_window"):
+            dense_profile_reference(query, key, 0.25, sliding_window=bad)
+    with pytest.raises(ValueError, match="power of two"):
+        TritonBlocks(rows=24)
+    if HAS_TRITON and os.environ.get("TRITON_INTERPRET") != "1":
+        with pytest.raises(ValueError, match="CUDA"):
+            dense_profile(query, key, 0.25, backend="triton")
+
+
+# ---- Triton: subprocess workers -------------------------------------------------------------
+
+def interpreter_cases() -> list[dict[str, Any]]:
+    """Kernel-vs-reference cases, small enough for the interpreter (about 0.3 s each)."""
+    cases = []
+    for length in (33, 64, 100):
+        for dim in (16, 32):
+            cases.append(dict(dtype="float32", length=length, dim=dim))
+    cases += [
+        dict(dtype="float32", length=100, dim=32, window=24),
+        dict(dtype="float32", length=100, dim=16, window=24, small=True),
+        dict(dtype="float32", length=100, dim=16, small=True),
+        dict(dtype="float32", length=64, dim=32, kv_heads=4, window=5, small=True),
+        dict(dtype="float32", length=40, dim=80, batch=2, transposed=True),
+        dict(dtype="float32", length=20, dim=16, window=1, small=True),
+        dict(dtype="float32", length=100, dim=16, window=24, small=True, uniform=True),
+        dict(dtype="float32", length=64, dim=32, uniform=True),
+    ]
+    for dtype in ("float16", "bfloat16"):
+        cases += [
+            dict(dtype=dtype, length=33, dim=16),
+            dict(dtype=dtype, length=100, dim=32, window=24, small=True),
+            dict(dtype=dtype, length=100, dim=16, small=True),
+            dict(dtype=dtype, length=64, dim=32, batch=2, transposed=True, uniform=True),
+        ]
+    return cases
+
+
+def case_id(case: dict[str, Any]) -> str:
+    return "-".join(f"{k}={v}" for k, v in case.items())
+
+
+def run_interpreter_case(case: dict[str, Any]) -> dict[str, Any]:
+    """Kernel and reference on the same inputs; error = max |a − b| / (1 + |b|)."""
+    batch, heads, kv_heads = case.get("batch", 1), 4, case.get("kv_heads", 2)
+    length, dim, window = case["length"], case["dim"], case.get("window")
+    dtype = getattr(torch, case["dtype"])
+    query, key = random_qk(batch, heads, kv_heads, length, dim, seed=length + dim)
+    if case.get("uniform"):
+        query.zero_()
+    if case.get("transposed"):   # as transformers hands them over: views of (B, T, H, D)
+        query = query.transpose(1, 2).contiguous().transpose(1, 2)
+        key = key.transpose(1, 2).contiguous().transpose(1, 2)
+    query, key = query.to(dtype), key.to(dtype)
+    blocks = SMALL_BLOCKS if case.get("small") else None
+    got = dense_profile_triton(query, key, dim ** -0.5, window, blocks=blocks)
+    want = dense_profile_reference(query, key, dim ** -0.5, window)
+    finite = want.isfinite()
+    error = ((got - want).abs() / (1 + want.abs()))[finite].max().item()
+    return dict(error=error, nan_match=bool(torch.equal(got.isnan(), want.isnan())),
+                exact_one=bool(torch.equal(got[finite], torch.ones_like(got[finite]))))
+
+
+def compile_for_sm90() -> dict[str, Any]:
+    """Compile both kernels ahead of time for an H100 (sm_90): no GPU needed, catches what
+    the interpreter tolerates but the compiler rejects."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from profiler.dense import _kernel_constants, _triton_kernels
+
+    kernels = _triton_kernels()
+    assert kernels is not None
+    result = {}
+    for dtype, dim in ((torch.bfloat16, 128), (torch.float16, 64), (torch.float32, 64)):
+        pointer = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}[dtype]
+        stats, bins, options = _kernel_constants(dtype, dim, TritonBlocks.for_dtype(dtype))
+        for name, constants in (("row_stats", stats), ("distance_bins", bins)):
+            kernel = kernels[name]
+            signature = {}
+            for param in kernel.params:
+                if param.is_constexpr:
+                    signature[param.name] = "constexpr"
+                elif param.name in ("q_ptr", "k_ptr"):
+                    signature[param.name] = pointer
+                elif param.name.endswith("_ptr"):
+                    signature[param.name] = "*fp32"
+                else:
+                    signature[param.name] = "fp32" if param.name == "qk_scale" else "i32"
+            compiled = triton.compile(ASTSource(kernel, signature, constants),
+                                      target=GPUTarget("cuda", 90, 32), options=options)
+            result[f"{name}-{pointer[1:]}-d{dim}"] = len(compiled.asm["cubin"])
+    return result
+
+
+def peak_extra_bytes(task: str) -> dict[str, Any]:
+    """Peak resident memory that `task` adds, measured in this (fresh) process.
+
+    Linux lets a process reset its peak-RSS mark (write 5 to /proc/self/clear_refs), so
+    peak − current is exactly what the task added; elsewhere ru_maxrss gives a lower bound.
+    """
+    import resource
+
+    torch.set_num_threads(2)
+    query, key = random_qk(1, 4, 4, 8192, 16)
+    dense_profile_reference(query[..., :512, :], key[..., :512, :], 0.25)   # warm thread pools
+
+    def status_kib(field: str) -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+        raise KeyError(field)
+
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        before, method = status_kib("VmRSS"), "VmHWM"
+    except OSError:
+        before, method = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "ru_maxrss"
+    if task == "reference":
+        dense_profile_reference(query, key, 0.25)
+    else:   # positive control: a 512 MiB tensor, written so its pages are resident
+        block = torch.ones(128 * 2 ** 20)
+        del block
+    after = status_kib("VmHWM") if method == "VmHWM" else resource.getrusage(
+        resource.RUSAGE_SELF).ru_maxrss
+    return dict(extra_bytes=(after - before) * 1024, method=method)
+
+
+def run_worker(*args: str, interpret: bool = False, timeout: float = 120) -> Any:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    done = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=timeout)
+    assert done.returncode == 0, f"worker {args} failed:\n{done.stderr[-4000:]}"
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def interpreter_results() -> dict[str, dict[str, Any]]:
+    return run_worker("interpret", interpret=True)
+
+
+@NEEDS_TRITON
+@pytest.mark.parametrize("case", interpreter_cases(), ids=case_id)
+def test_triton_interpreter_matches_reference(case: dict[str, Any],
+                                              interpreter_results: dict[str, dict[str, Any]]) -> None:
+    result = interpreter_results[case_id(case)]
+    # Measured: ≤ 3e-6 for every dtype (fp16/bf16 products are exact in fp32, so the kernel
+    # and the upcasting reference differ only in summation order); half gets headroom for
+    # a GPU's different accumulation order.
+    tolerance = 1e-5 if case["dtype"] == "float32" else 1e-4
+    assert result["nan_match"]
+    assert result["error"] <= tolerance, result
+    if case.get("uniform"):
+        assert result["exact_one"], result
+
+
+@NEEDS_TRITON
+def test_triton_kernels_compile_for_sm90() -> None:
+    if importlib.util.find_spec("triton.backends.nvidia") is None:
+        pytest.skip("triton has no NVIDIA backend on this machine")
+    sizes = run_worker("compile")
+    assert len(sizes) == 6 and all(size > 0 for size in sizes.values()), sizes
+
+
+def test_reference_memory_is_not_quadratic() -> None:
+    """B=1, H=4, T=8192: one full fp32 T × T map for all heads would be 1 GiB."""
+    full_map = 4 * 8192 * 8192 * 4
+    control = run_worker("memory", "control")
+    measured = run_worker("memory", "reference")
+    assert control["extra_bytes"] >= 0.9 * 512 * 2 ** 20, control   # the method sees allocations
+    assert measured["extra_bytes"] < full_map / 4, measured
+
+
+def main(mode: str, *args: str) -> None:
+    if mode == "interpret":
+        results = {case_id(case): run_interpreter_case(case) for case in interpreter_cases()}
+    elif mode == "compile":
+        results = compile_for_sm90()
+    else:
+        results = peak_extra_bytes(args[0])
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
