@@ -190,17 +190,19 @@ def check_same_architecture(base_source, merged_source) -> None:
 
 def compare(base: str, merged: str, options: ProfileOptions | None = None,
             thresholds: Any = None, merged_options: ProfileOptions | None = None,
-            workdir: Any = None, with_weights: bool = True) -> Comparison:
+            workdir: Any = None, with_weights: bool = True,
+            base_profile: Profile | None = None) -> Comparison:
     """Profile BASE and MERGED on identical token ids, diff profiles and weights, give a verdict.
 
     MERGED may be a PEFT adapter directory: it is merged onto BASE with peft (and, for the weight
     diff, saved into `workdir`). `merged_options` lets the merged side load differently (e.g.
     in 4-bit to see what quantisation alone does); by default both sides use `options`.
+    `base_profile`, from an earlier compare() with the same options, skips re-profiling BASE.
     """
     from pathlib import Path
 
     from .diff import diff_profiles
-    from .load import load_model
+    from .load import load_model, load_tokenizer
     from .probes import tokenizers_agree
     from .rules import GateThresholds
     from .sources import resolve_source
@@ -218,21 +220,31 @@ def compare(base: str, merged: str, options: ProfileOptions | None = None,
     else:
         check_same_architecture(base_source, merged_source)
 
-    loaded = load_model(base_source, attn_implementation=cap.ATTN_NAME, **options.load_kwargs())
-    try:
-        probes = make_probes(loaded.tokenizer, options, loaded.info.max_positions)
-        base_tokenizer = loaded.tokenizer
-        base_profile = capture_loaded(loaded, probes, options)
-    finally:
-        release(loaded)
+    # probes come from the base tokenizer; both tokenizers must agree on them before any capture
+    base_tokenizer = load_tokenizer(base_source)
+    has_own_tokenizer = not is_adapter or any(merged_source.path.glob("tokenizer*.json"))
+    merged_tokenizer = load_tokenizer(merged_source) if has_own_tokenizer else base_tokenizer
+    if base_profile is None:
+        probes = make_probes(base_tokenizer, options, _config_info(base_source).max_positions)
+    else:
+        probes = ProbeSet(base_profile.probes["suite"], base_profile.probes["length"],
+                          base_profile.probes["num"], base_profile.probes["seed"], base_profile.input_ids,
+                          tuple(base_profile.probes["sources"]))
+    problem = tokenizers_agree(base_tokenizer, merged_tokenizer, probes)
+    if problem:
+        raise AttnprofError(f"base and merged tokenizers disagree on the probes: {problem}")
+
+    if base_profile is None:
+        loaded = load_model(base_source, attn_implementation=cap.ATTN_NAME, **options.load_kwargs())
+        try:
+            base_profile = capture_loaded(loaded, probes, options)
+        finally:
+            release(loaded)
 
     merged_dir = merged_source.path if merged_source.kind in ("dir", "demo") else None
     loaded = load_model(merged_source, attn_implementation=cap.ATTN_NAME, base=base_source,
                         **merged_options.load_kwargs())
     try:
-        problem = tokenizers_agree(base_tokenizer, loaded.tokenizer, probes)
-        if problem:
-            raise AttnprofError(f"base and merged tokenizers disagree on the probes: {problem}")
         merged_profile = capture_loaded(loaded, probes, merged_options)
         if is_adapter and with_weights and base_source.kind in ("dir", "demo") and workdir is not None:
             merged_dir = Path(workdir) / "merged-weights"

@@ -1,0 +1,164 @@
+"""Base vs merged on tiny models: identity, gate, mismatches, pipeline helpers."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import save_tiny, tiny_tokenizer
+from profiler import assert_profile_close, diff_profiles, load_diff, load_profile
+from profiler.cli import main
+from profiler.diff import gate, js_divergence
+from profiler.rules import GateThresholds
+
+FAST = ["--length", "128", "--num", "4", "--probes", "random", "--no-report", "--quiet"]
+
+
+def sharpened_copy(src, dst, factor=3.0):
+    """A copy of a tiny model whose q_proj weights are scaled: sharper attention, known to move."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained(src)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("q_proj.weight"):
+                p.mul_(factor)
+    model.save_pretrained(dst)
+    AutoTokenizer.from_pretrained(src).save_pretrained(dst)
+    return dst
+
+
+def test_base_vs_exact_copy_is_exactly_zero(tiny_dir, tmp_path, capsys):
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_dir, copy)
+    out = tmp_path / "run"
+    code = main([str(a) for a in ["profile", tiny_dir, "vs", copy, "--out", out, "--json", *FAST]])
+    data = json.loads(capsys.readouterr().out)
+    assert code == 0 and data["verdict"] == "pass"
+    assert all(h["dgamma"] == 0.0 and h["dgamma_ci"] == [0.0, 0.0] for h in data["heads"])
+    assert data["model_dgamma"] == 0.0 and data["shifted_heads"] == 0 and data["regime_flips"] == 0
+    assert (out / "base/profile.json").is_file() and (out / "merged/curves.npz").is_file()
+    assert load_diff(out).verdict == "pass"
+
+
+def test_sharpened_model_fails_the_gate(tiny_dir, tmp_path, capsys):
+    sharp = sharpened_copy(tiny_dir, tmp_path / "sharp")
+    code = main([str(a) for a in ["profile", tiny_dir, "vs", sharp, "--out", tmp_path / "r", "--json",
+                                  "--no-weights", *FAST]])
+    data = json.loads(capsys.readouterr().out)
+    assert code == 1 and data["verdict"] == "regression"
+    assert data["shifted_heads"] > 0 and data["reasons"] != ["all within thresholds"]
+    base, merged = load_profile(tmp_path / "r/base"), load_profile(tmp_path / "r/merged")
+    with pytest.raises(AssertionError, match="attention profile regression"):
+        assert_profile_close(base, merged)
+    assert diff_profiles(base, merged, GateThresholds(10, 1, 1)).verdict == "pass"   # loose gate passes
+
+
+def test_paired_ci_uses_the_same_probe_resamples(tiny_dir, tmp_path, capsys):
+    """A profile diffed with itself has zero-width CIs only if both sides share the resamples."""
+    main([str(a) for a in ["profile", tiny_dir, "--out", tmp_path / "p", "--no-weights", *FAST]])
+    p = load_profile(tmp_path / "p")
+    d = diff_profiles(p, p)
+    assert all(h.dgamma_ci == (0.0, 0.0) for h in d.heads)
+
+
+def test_gate_thresholds_and_reasons():
+    t = GateThresholds()
+    assert gate(0.04, 0.05, 0.05, t).verdict == "pass"
+    v = gate(-0.06, 0.2, 0.0, t)
+    assert v.verdict == "regression" and v.exit_code == 1 and len(v.reasons) == 2
+
+
+def test_js_divergence_bounds():
+    p = np.array([1.0, 0.0]); q = np.array([0.0, 1.0])
+    assert js_divergence(p, q) == pytest.approx(1.0)
+    assert js_divergence(p, p) == pytest.approx(0.0)
+
+
+def one_error(code, err):
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("attnprof: error:"), err
+    return lines[0]
+
+
+def test_different_architectures_are_refused(tiny_dir, tmp_path, capsys):
+    qwen = save_tiny(tmp_path / "qwen", kind="qwen2", num_key_value_heads=2)
+    line = one_error(main([str(a) for a in ["profile", tiny_dir, "vs", qwen, *FAST]]), capsys.readouterr().err)
+    assert "different architectures" in line
+
+
+def test_different_head_counts_are_refused(tiny_dir, tmp_path, capsys):
+    other = save_tiny(tmp_path / "other", num_attention_heads=8, num_key_value_heads=2)
+    line = one_error(main([str(a) for a in ["profile", tiny_dir, "vs", other, *FAST]]), capsys.readouterr().err)
+    assert "different head counts" in line
+
+
+def test_tokenizer_disagreement_is_refused(tiny_dir, tmp_path, capsys):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    base_tok = tiny_tokenizer(300)
+    vocab = {t: i for i, t in enumerate(sorted(base_tok.get_vocab(), key=base_tok.get_vocab().get))}
+    raw = Tokenizer(models.WordLevel(vocab={k: (v * 7) % len(vocab) for k, v in vocab.items()},
+                                     unk_token="<eos>"))
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    other_tok = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<eos>")
+    text = tmp_path / "p.txt"
+    text.write_text("attention decays with distance in many heads of a language model. " * 60)
+    other = save_tiny(tmp_path / "other", num_key_value_heads=2, tokenizer=other_tok)
+    line = one_error(main([str(a) for a in ["profile", tiny_dir, "vs", other, "--probes", f"file:{text}",
+                                            "--length", "64", "--num", "2", "--no-report", "--quiet"]]),
+                     capsys.readouterr().err)
+    assert "tokenizers disagree" in line
+
+
+def test_adapter_merged_with_peft(tiny_dir, tmp_path, capsys):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_dir),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    adapter = tmp_path / "adapter"
+    model.save_pretrained(adapter)                 # B = 0 at init: merging changes nothing
+    code = main([str(a) for a in ["profile", tiny_dir, "vs", adapter, "--out", tmp_path / "r", "--json",
+                                  "--no-weights", *FAST]])
+    data = json.loads(capsys.readouterr().out)
+    assert code == 0 and data["model_dgamma"] == 0.0
+    assert data["adapter"]["config"]["r"] == 4 and data["adapter"]["check"]["compatible"] is True
+
+
+def test_adapter_for_another_base_is_refused(tiny_dir, tmp_path, capsys):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    wide = save_tiny(tmp_path / "wide", hidden_size=128, num_key_value_heads=2)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(wide),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["gate_proj", "nonexistent_proj"]))
+    adapter = tmp_path / "adapter"
+    model.save_pretrained(adapter)
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    cfg["target_modules"] = ["nonexistent_proj"]
+    (adapter / "adapter_config.json").write_text(json.dumps(cfg))
+    line = one_error(main([str(a) for a in ["profile", tiny_dir, "vs", adapter, *FAST]]), capsys.readouterr().err)
+    assert "does not fit" in line
+
+
+def test_trainer_callback_stops_a_run_that_breaks_attention(tiny_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    from profiler.callback import AttentionProfileCallback, ProfileGateConfig
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    tokenizer = tiny_tokenizer(300)
+    ids = torch.randint(1, 299, (64, 32))
+    data = [{"input_ids": r, "labels": r} for r in ids]
+    callback = AttentionProfileCallback(tokenizer, ProfileGateConfig(every_steps=2, length=64, num=3))
+    args = TrainingArguments(output_dir=str(tmp_path / "t"), max_steps=20, per_device_train_batch_size=4,
+                             learning_rate=0.5, report_to=[], save_strategy="no", logging_steps=100,
+                             use_cpu=True, disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[callback])
+    trainer.train()
+    assert callback.history, "the callback never profiled"
+    assert callback.history[-1][1].verdict == "regression"
+    assert trainer.state.global_step < 20                         # training was stopped early
+    assert model.config._attn_implementation != "attnprof"          # the model was restored
