@@ -453,7 +453,7 @@ def plot_top_shifted(diff_json: Mapping[str, Any], base_A: np.ndarray, merged_A:
     n = max(1, len(top))
     ncols = min(4, n)
     nrows = math.ceil(n / ncols)
-    fig = new_figure(2.75 * ncols, 2.6 * nrows + 0.9)
+    fig = new_figure(max(6.5, 2.75 * ncols), 2.6 * nrows + 0.9)
     axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
     fits = {}
     for role, pj in (("base", base_profile), ("merged", merged_profile)):
@@ -495,7 +495,7 @@ def plot_top_shifted(diff_json: Mapping[str, Any], base_A: np.ndarray, merged_A:
         labels = {"base": "base A(d)", "merged": "merged A(d)", "base fit": "base power-law fit",
                   "merged fit": "merged power-law fit"}
         fig.legend(list(handles.values()), [labels[k] for k in handles], loc="outside lower center",
-                   ncols=len(handles), frameon=False)
+                   ncols=len(handles) if ncols > 2 else 2, frameon=False)
     return fig
 
 
@@ -546,8 +546,14 @@ def _module_order(modules: Iterable[str]) -> list[str]:
 
 @styled
 def plot_weight_norms(diff_json: Mapping[str, Any]) -> Figure:
-    """Layer × module heatmap of ‖ΔW‖_F / ‖W‖_F (log colours); red boxes: changed outside targets."""
+    """Layer × module heatmap of ‖ΔW‖_F / ‖W‖_F (log colours); red boxes: changed outside targets.
+
+    Only matrices are mapped (norm vectors and other 1-D tensors stay in the table); a value of
+    0 (identical weights) takes the lightest, below-scale colour.
+    """
     tensors = _weight_tensors(diff_json)
+    matrices = [t for t in tensors if len(t.get("shape") or [0, 0]) == 2]
+    tensors = matrices or tensors
     placed = [(split_tensor_name(t["name"]), t) for t in tensors]
     layered = [(lm, t) for lm, t in placed if lm[0] is not None]
     others = [(lm[1], t) for lm, t in placed if lm[0] is None]
@@ -565,6 +571,7 @@ def plot_weight_norms(diff_json: Mapping[str, Any]) -> Figure:
     vmin = max(float(positive.min()) if positive.size else vmax / 10, vmax * 1e-4)
     if vmin >= vmax:
         vmin = vmax / 10
+    grid[np.isfinite(grid) & (grid <= 0)] = vmin / 2
     width = max(5.0, 0.75 * M + 2.8)
     height = min(7.5, max(2.6, 0.16 * max(L, 1) + 1.6))
     fig = new_figure(width, height + (0.35 if others else 0))
@@ -616,7 +623,7 @@ def plot_spectra(diff_json: Mapping[str, Any], k: int = TOP_SPECTRA) -> Figure:
     n = max(1, len(top))
     ncols = min(3, n)
     nrows = math.ceil(n / ncols)
-    fig = new_figure(3.6 * ncols, 2.7 * nrows + 1.0)
+    fig = new_figure(max(6.5, 3.6 * ncols), 2.7 * nrows + 1.0)
     axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
     handles: dict[str, Any] = {}
     for ax, t in zip(axes, top):
@@ -657,5 +664,5 @@ def plot_spectra(diff_json: Mapping[str, Any], k: int = TOP_SPECTRA) -> Figure:
     fig.suptitle("Singular-value spectra of ΔW, most changed matrices")
     if handles:
         fig.legend(list(handles.values()), list(handles), loc="outside lower center",
-                   ncols=len(handles), frameon=False)
+                   ncols=len(handles) if ncols > 1 else 2, frameon=False)
     return fig

@@ -31,6 +31,11 @@ ROLES_PAIR = ("base", "merged")
 FIGURES_DIR = "figures"
 INDEX = "index.html"
 WEIGHT_TABLE_TOP = 12          # rows of the summary's weight-change table
+WEIGHT_SUMMARY = (("num_tensors", "tensors in both checkpoints"), ("num_changed", "changed"),
+                  ("num_rounding_only", "rounding only"),
+                  ("num_outside_targets", "changed outside the targets"),
+                  ("target_modules", "target modules"), ("adapter_rank", "adapter rank"),
+                  ("max_signal_rank", "largest signal rank"), ("max_rel_norm", "largest ‖ΔW‖/‖W‖"))
 
 
 @dataclass
@@ -432,7 +437,7 @@ def _regime_rules_table() -> str:
                  [[r.label, r.rule, r.taf_name or "—"] for r in REGIME_RULES], sortable=False)
 
 
-def _weights_section(weights: Mapping[str, Any]) -> str:
+def _weights_section(weights: Mapping[str, Any], figures: str) -> str:
     tensors = sorted(weights.get("tensors") or [],
                      key=lambda t: -_num(t.get("rel_norm")) if math.isfinite(_num(t.get("rel_norm")))
                      else math.inf)
@@ -445,13 +450,20 @@ def _weights_section(weights: Mapping[str, Any]) -> str:
         rows.append([Cell(f'<span title="{_e(name)}">{_e(short)}</span>', raw_html=True),
                      "—" if layer is None else layer, module,
                      "×".join(str(s) for s in t.get("shape") or []),
-                     num_cell(t.get("rel_norm"), 4), num_cell(t.get("fro_norm"), 4),
-                     num_cell(t.get("rank90"), 0), num_cell(t.get("stable_rank"), 1),
-                     num_cell(t.get("signal_rank"), 0), num_cell(t.get("adapter_rank"), 0),
-                     t.get("status"), "yes" if t.get("changed") else "no",
+                     Cell(_sci(t.get("rel_norm")), t.get("rel_norm"), "num"),
+                     Cell(_sci(t.get("fro_norm")), t.get("fro_norm"), "num"),
+                     _rank_cell(t.get("rank90"), t.get("rank90_is_lower_bound")),
+                     num_cell(t.get("stable_rank"), 1),
+                     _rank_cell(t.get("signal_rank"), t.get("signal_rank_is_lower_bound")),
+                     num_cell(t.get("adapter_rank"), 0), t.get("status"),
+                     "yes" if t.get("changed") else "no",
                      {True: "yes", False: "no"}.get(t.get("in_targets"), "—")])
         classes.append("hl" if outside else "")
-    out = ["<h3>Per-tensor table</h3>",
+    summary = [(label, _plain(weights[key])) for key, label in WEIGHT_SUMMARY if key in weights]
+    for key in ("missing", "extra"):
+        if weights.get(key):
+            summary.append((f"{key} tensors", _plain(weights[key])))
+    out = [_kv(summary) if summary else "", figures, "<h3>Per-tensor table</h3>",
            '<p class="muted">Sorted by relative change; highlighted rows changed outside the '
            "adapter's target modules. rank90: singular values holding 90 % of ‖ΔW‖²; signal "
            "rank: singular values above the noise floor.</p>",
@@ -460,6 +472,18 @@ def _weights_section(weights: Mapping[str, Any]) -> str:
                  rows, scroll=len(rows) > 20, row_classes=classes),
            "<h3>Weight flags</h3>", _findings_table(weights.get("flags") or [])]
     return "".join(out)
+
+
+def _sci(value: Any) -> str:
+    x = _num(value)
+    return "—" if not math.isfinite(x) else f"{x:.3g}"
+
+
+def _rank_cell(value: Any, lower_bound: Any) -> Cell:
+    """A rank, marked "≥" when only a lower bound is known (randomized SVD)."""
+    if value is None:
+        return Cell("—", cls="num")
+    return Cell(f"≥ {value}" if lower_bound else str(value), value, "num")
 
 
 def _evidence_html(evidence: Any) -> str:
@@ -569,8 +593,8 @@ def build_html(data: RunData, figures: Sequence[tuple[FigureSpec, bytes]]) -> st
              + _heads_table_pair(diff)),
         ]
         if diff.get("weights"):
-            sections.append(("weights", "Weights", figs.get("weight_norms.png", "")
-                             + figs.get("spectra.png", "") + _weights_section(diff["weights"])))
+            weight_figs = figs.get("weight_norms.png", "") + figs.get("spectra.png", "")
+            sections.append(("weights", "Weights", _weights_section(diff["weights"], weight_figs)))
         if diff.get("adapter"):
             sections.append(("adapter", "Adapter", _adapter_section(diff["adapter"])))
         sections.append(("flags", "Flags", _findings_table(diff.get("flags") or [])))

@@ -119,38 +119,59 @@ def _write_model(folder: Path, profile: dict, A: np.ndarray, sink: np.ndarray, l
 
 
 def _weights(rng: np.random.Generator, L: int, outside: bool) -> dict[str, Any]:
-    """Synthetic weight diff: q/v of every layer carry a rank-8 change, the rest bf16 noise."""
+    """Synthetic weight diff: q/v of every layer carry a rank-8 change, the rest bf16 rounding;
+    with `outside`, layer 1's down_proj also changes with a high rank (not a LoRA merge)."""
     tensors, flags = [], []
-    names = [f"model.layers.{layer}.{m}.weight" for layer in range(L) for m in MODULES]
-    for name in ["model.embed_tokens.weight"] + names:
+    names = ["model.embed_tokens.weight"] + [
+        f"model.layers.{layer}.{m}.weight" for layer in range(L)
+        for m in MODULES + ("input_layernorm", "post_attention_layernorm")]
+    odd_name = f"model.layers.{min(1, L - 1)}.mlp.down_proj.weight"
+    floor = 2e-3
+    for name in names:
         module = name.split(".")[-2]
+        vector = module.endswith("layernorm")
         in_targets = module in TARGETS
-        odd = outside and name == f"model.layers.{min(1, L - 1)}.mlp.down_proj.weight"
-        floor = 2e-3
-        if in_targets or odd:
+        odd = outside and name == odd_name
+        t: dict[str, Any] = {
+            "name": name, "shape": [576] if vector else [576, 576], "dtype_base": "float32",
+            "dtype_merged": "bfloat16", "in_targets": in_targets, "noise_floor": floor,
+            "svd": None, "top_singular_values": [], "adapter_rank": None, "adapter_scale": None,
+            "adapter_singular_values": [], "adapter_rel_error": None,
+            "adapter_residual_noise": None, "shape_merged": None, "rank90": None,
+            "rank90_is_lower_bound": False, "stable_rank": None, "signal_rank": None,
+            "signal_rank_is_lower_bound": False,
+        }
+        if (in_targets or odd) and not vector:
             rank = 48 if odd else ADAPTER_RANK
             scale = float(rng.uniform(0.02, 0.08))
             signal = scale * 40 * np.exp(-np.arange(rank) / (rank / 2.5))
             sv = np.concatenate([signal, floor * (1 - 0.01 * np.arange(32 - min(rank, 31)))])[:32]
-            status = "not-low-rank" if odd else "lora-like"
-            rel, rank90, signal_rank = scale, int(rank * 0.7), rank
+            t.update(status="high-rank" if odd else "low-rank", changed=True, rel_norm=scale,
+                     fro_norm=scale * 24.0, rank90=int(rank * 0.7), stable_rank=rank / 2.0,
+                     signal_rank=rank, signal_rank_is_lower_bound=odd, svd="randomized" if odd
+                     else "exact", top_singular_values=sv.tolist())
+            if in_targets:
+                t.update(adapter_rank=ADAPTER_RANK, adapter_scale=2.0,
+                         adapter_singular_values=sv[:ADAPTER_RANK].tolist(), adapter_rel_error=1e-3)
         else:
-            sv = floor * (1.05 - 0.01 * np.arange(32))
-            status, rel, rank90, signal_rank = "noise-only", 4e-4, 28, 0
-        tensors.append({
-            "name": name, "shape": [576, 576], "rel_norm": rel, "fro_norm": rel * 24.0,
-            "rank90": rank90, "stable_rank": float(rank90) / 2, "signal_rank": signal_rank,
-            "noise_floor": floor, "status": status, "changed": bool(in_targets or odd),
-            "in_targets": in_targets, "top_singular_values": sv.tolist(),
-            "adapter_rank": ADAPTER_RANK if in_targets else None,
-            "adapter_singular_values": sv[:ADAPTER_RANK].tolist() if in_targets else None,
-        })
-        if odd:
-            flags.append({"code": "changed_outside_targets", "severity": "warning",
-                          "message": f"{name} changed but is not an adapter target"})
-            flags.append({"code": "rank_above_adapter", "severity": "warning",
-                          "message": f"{name}: signal rank {rank} > {ADAPTER_RANK} (adapter rank)"})
-    return {"tensors": tensors, "flags": flags}
+            t.update(status="rounding only", changed=False, rel_norm=4e-4, fro_norm=0.0096)
+        tensors.append(t)
+    if outside:
+        flags.append({"code": "changed_outside_targets", "severity": "warning",
+                      "message": f"1 module changed outside the adapter targets: {odd_name}",
+                      "tensors": [odd_name]})
+        flags.append({"code": "high_rank_change", "severity": "warning",
+                      "message": f"{odd_name}: signal rank 48 > {ADAPTER_RANK} (adapter rank)",
+                      "tensors": [odd_name]})
+    changed = [t for t in tensors if t["changed"]]
+    return {"base": "/models/fake-base", "merged": "/models/fake-merged",
+            "adapter": "/models/fake-adapter", "target_modules": list(TARGETS),
+            "adapter_rank": ADAPTER_RANK, "num_tensors": len(tensors), "num_changed": len(changed),
+            "num_rounding_only": len(tensors) - len(changed),
+            "num_outside_targets": int(outside), "num_missing": 0, "num_extra": 0,
+            "max_signal_rank": max(t["signal_rank"] for t in changed) if changed else None,
+            "max_rel_norm": max(t["rel_norm"] for t in tensors), "flags": flags,
+            "tensors": tensors, "missing": [], "extra": []}
 
 
 def _adapter() -> dict[str, Any]:
