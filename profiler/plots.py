@@ -183,18 +183,33 @@ def plot_gamma_heatmap(profile_json: Mapping[str, Any], ax: Axes | None = None,
         ax = new_figure(w, h).add_subplot()
     grid = head_grid(heads, "gamma", (L, H))
     finite = grid[np.isfinite(grid)]
-    vmin = vmin if vmin is not None else (float(finite.min()) if finite.size else 0.0)
-    vmax = vmax if vmax is not None else (float(finite.max()) if finite.size else 1.0)
+    lo, hi = robust_limits(finite)
+    vmin = lo if vmin is None else vmin
+    vmax = max(hi if vmax is None else vmax, vmin + 1e-6)
     cmap = matplotlib.colormaps["viridis"].with_extremes(bad=MISSING_COLOR)
-    im = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=vmin, vmax=max(vmax, vmin + 1e-6),
-                   aspect="auto")
+    im = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
     _heatmap_axes(ax, L, H)
     _annotate_cells(ax, im, grid, ".2f")
     name = profile_json.get("model", {}).get("name", "")
     ax.set_title(title if title is not None else f"γ per head — {name}".rstrip(" —"))
     if colorbar:
-        ax.figure.colorbar(im, ax=ax, label="γ (decay exponent)", shrink=0.9)
+        below = bool(finite.size and finite.min() < vmin)
+        above = bool(finite.size and finite.max() > vmax)
+        extend = {(True, True): "both", (True, False): "min", (False, True): "max"}.get(
+            (below, above), "neither")
+        ax.figure.colorbar(im, ax=ax, label="γ (decay exponent)", shrink=0.9, extend=extend)
     return ax.figure
+
+
+def robust_limits(values: np.ndarray, pct: float = 2.0) -> tuple[float, float]:
+    """Colour limits from the 2nd–98th percentiles (outlier heads would flatten the scale),
+    widened to include [0, 1] so flat and critical heads always read the same."""
+    values = np.asarray(values, dtype=float)
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return 0.0, 1.0
+    lo, hi = np.percentile(values, [pct, 100 - pct]) if values.size >= 20 else (values.min(), values.max())
+    return min(float(lo), 0.0), max(float(hi), 1.0)
 
 
 @styled
@@ -206,8 +221,7 @@ def plot_gamma_maps(base_json: Mapping[str, Any], merged_json: Mapping[str, Any]
     fig = new_figure(3 * w, h)
     axes = fig.subplots(1, 3)
     grids = [head_grid(p["heads"], "gamma", (L, H)) for p in (base_json, merged_json)]
-    finite = np.concatenate([g[np.isfinite(g)] for g in grids] + [np.array([0.0, 1.0])])
-    vmin, vmax = float(finite.min()), float(finite.max())
+    vmin, vmax = robust_limits(np.concatenate([g.ravel() for g in grids]))
     plot_gamma_heatmap(base_json, ax=axes[0], vmin=vmin, vmax=vmax, title="γ base", colorbar=False)
     plot_gamma_heatmap(merged_json, ax=axes[1], vmin=vmin, vmax=vmax, title="γ merged")
     axes[1].set_ylabel("")

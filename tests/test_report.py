@@ -160,7 +160,7 @@ def test_failed_render_leaves_the_previous_report(runs: dict[str, Path], tmp_pat
     def broken(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(plots, "plot_spectra", broken)
+    monkeypatch.setattr(plots, "plot_model_decay", broken)
     with pytest.raises(RuntimeError):
         render_report(run)
     assert _snapshot(run) == before
