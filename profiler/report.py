@@ -15,7 +15,7 @@ import os
 import string
 import struct
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -341,7 +341,7 @@ def _check(exceeded: bool) -> str:
 def _banner_pair(data: RunData) -> str:
     diff = data.diff or {}
     verdict = str(diff.get("verdict", "unknown"))
-    th = {**GateThresholds().__dict__, **(diff.get("thresholds") or {})}
+    th = {**asdict(GateThresholds()), **(diff.get("thresholds") or {})}
     n = len(diff.get("heads", []))
     mdg = _num(diff.get("model_dgamma"))
     shifted, flips = diff.get("shifted_heads"), diff.get("regime_flips")
@@ -661,7 +661,7 @@ def summary_markdown(run: str | Path | RunData) -> str:
         lines.append("- regimes: " + ", ".join(f"{k} {v}" for k, v in counts.items() if v))
         return "\n".join(lines) + "\n"
     diff = data.diff or {}
-    th = {**GateThresholds().__dict__, **(diff.get("thresholds") or {})}
+    th = {**asdict(GateThresholds()), **(diff.get("thresholds") or {})}
     n = len(diff.get("heads", []))
     verdict = str(diff.get("verdict", "unknown")).upper()
     names = " vs ".join(m.name for m in data.models.values())

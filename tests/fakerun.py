@@ -7,7 +7,6 @@ a plain least-squares fit in log-log space with a percentile bootstrap over prob
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -314,7 +313,3 @@ def _diff(base: dict, merged: dict, A: np.ndarray, A_m: np.ndarray, idx: np.ndar
         "flags": [{"code": "pade_outside_validity", "severity": "info",
                    "message": "model gamma is outside the closed-form's regime of validity"}],
     }
-
-
-def load_json(path: Path) -> Any:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
