@@ -1143,7 +1143,8 @@ def check_adapter(adapter: Any, base: Any = None) -> AdapterCheck:
     model object, or None (then the base named in the adapter is used when it is available locally).
     Raises AttnprofError for unreadable input.
     """
-    if isinstance(adapter, Mapping) or (not isinstance(adapter, (str, os.PathLike)) and hasattr(adapter, "to_dict")):
+    is_object = not isinstance(adapter, (str, os.PathLike)) and hasattr(adapter, "to_dict")
+    if isinstance(adapter, Mapping) or is_object:
         raw, adapter_dir, label = _plain_config(adapter), None, "<config>"
     else:
         raw, adapter_dir = _locate_adapter(adapter)
@@ -1626,7 +1627,8 @@ def format_report(check: AdapterCheck) -> str:
     lines.append(f"  adapter    {kind}{rank}{alpha}{scale}")
     lines.append(f"  base       {check.base or '(none: targets not checked)'}")
     if check.targets is not None:
-        matched = f" -> {len(check.matched_modules)} modules matched" if check.base else ""
+        checked = check.base and "base_unknown" not in check.codes()
+        matched = f" -> {len(check.matched_modules)} modules matched" if checked else ""
         lines.append(f"  targets    {_show(check.targets)}{matched}")
     if check.trainable_params is not None:
         share = (f" ({100 * check.trainable_params / check.base_params:.3g}% of the base's "

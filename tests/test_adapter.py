@@ -192,6 +192,14 @@ def test_adapter_types_are_classified(peft_adapters, base_dir):
     assert by_type["ia3"].mergeable is True
 
 
+@pytest.mark.parametrize("name", ["lora", "lora_embed_mts", "loha", "ia3"])
+def test_trainable_params_from_the_file_without_a_base(peft_adapters, name):
+    path, peft_count = peft_adapters[name]
+    check = check_adapter(path)                   # peft wrote base_model_name_or_path = None
+    assert "base_unknown" in codes(check, "warning") and check.matched_modules == []
+    assert check.trainable_params == peft_count and check.trainable_params_source == "adapter file"
+
+
 def test_vocab_resized_adapter_is_an_error(tmp_path, base_dir):
     import peft
     path = tmp_path / "resized"
