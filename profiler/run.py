@@ -14,6 +14,7 @@ from typing import Any, Callable
 import numpy as np
 
 from . import capture as cap
+from . import rules
 from .errors import AttnprofError
 from .load import LoadedModel, load_model
 from .probes import DEFAULT_SUITE, ProbeSet, build_probes, fingerprint
@@ -94,7 +95,7 @@ def capture_loaded(loaded: LoadedModel, probes: ProbeSet, options: ProfileOption
         advance, close = progress_bar(probes.num, f"profiling {info.name}", options.quiet)
         curves = cap.capture(model, probes.input_ids, window=window, estimator=options.estimator,
                              progress=advance)
-        d_max = length - window
+        d_max = length - window - rules.FIT_SINK_MARGIN
     else:
         raise AttnprofError(f"unknown estimator {options.estimator!r} (tail, dense, taf)")
     close()
