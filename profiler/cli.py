@@ -63,6 +63,12 @@ def _add_profile_options(p: argparse.ArgumentParser) -> None:
                       help=f"largest allowed fraction of shifted heads (default {defaults.max_shifted_heads})")
     gate.add_argument("--max-regime-flips", type=float, default=defaults.max_regime_flips,
                       help=f"largest allowed fraction of regime changes (default {defaults.max_regime_flips})")
+    w = p.add_argument_group("weight diff (base vs a merged checkpoint)")
+    w.add_argument("--targets", default=None, metavar="MODULES",
+                   help="the merged adapter's target modules, comma-separated (e.g. q_proj,v_proj): "
+                        "changes elsewhere are flagged")
+    w.add_argument("--adapter-rank", type=int, default=None, metavar="R",
+                   help="the merged adapter's rank: a ΔW rank well above it is flagged")
     o = p.add_argument_group("output")
     o.add_argument("--out", default=None, metavar="DIR", help="run directory (default reports/<name>/)")
     o.add_argument("--json", action="store_true", help="print profile.json / diff.json to stdout")
@@ -134,8 +140,10 @@ def cmd_profile(args, command: str) -> int:
     merged_options = replace(options, load_in_4bit=True) if args.merged_load_in_4bit else options
     out = Path(args.out or Path("reports") / f"{_safe_name(base)}-vs-{_safe_name(merged)}")
     with tempfile.TemporaryDirectory(prefix="attnprof-") as work:
+        targets = args.targets.split(",") if args.targets else None
         result = run.compare(base, merged, options, thresholds, merged_options, workdir=work,
-                             with_weights=not args.no_weights)
+                             with_weights=not args.no_weights, target_modules=targets,
+                             adapter_rank=args.adapter_rank)
         run.write_run(out, command=command, comparison=result, render=not args.no_report, seed=args.seed)
     diff = result.diff
     if args.json:
@@ -180,13 +188,19 @@ def _quiet_libraries() -> None:
     """transformers' own progress bars and advice would drown our one-line messages."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    import logging
+
     from transformers.utils import logging as hf_logging
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    for name in ("bitsandbytes", "peft", "accelerate"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"attnprof: warning: {message}", file=sys.stderr)
+    """Our own warnings as one line; libraries' deprecation chatter only with ATTNPROF_DEBUG."""
+    if os.environ.get("ATTNPROF_DEBUG") or f"{os.sep}profiler{os.sep}" in str(filename):
+        print(f"attnprof: warning: {message}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,8 +35,10 @@ class DemoSettings:
     num: int                 # probes
 
 
-FULL = DemoSettings(steps=50, batch=2, seq_len=128, lr=1e-3, length=2048, num=8)
-QUICK = DemoSettings(steps=50, batch=1, seq_len=96, lr=1e-3, length=512, num=4)
+# lr 2e-4 is the usual LoRA learning rate (QLoRA's default). At lr 1e-3 on this small pool the
+# merged model fails the gate (measured: 37% of heads shifted at T=512): a finding, not a bug.
+FULL = DemoSettings(steps=50, batch=2, seq_len=128, lr=2e-4, length=2048, num=8)
+QUICK = DemoSettings(steps=50, batch=1, seq_len=96, lr=2e-4, length=512, num=4)
 TRAIN_POOL = 32             # training windows: a small fixed pool of text:stdlib, cycled
 
 
@@ -65,8 +67,19 @@ def train_lora(base_dir: Path, target: Path, settings: DemoSettings, seed: int =
     pool = np.stack([ids[s:s + settings.seq_len]
                      for s in rng.integers(0, len(ids) - settings.seq_len, size=TRAIN_POOL)])
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.lr)
+    held = torch.as_tensor(pool[:4])
+
+    def held_loss() -> float:
+        """Loss on a fixed batch of the training pool: the curve that must fall."""
+        model.eval()
+        with torch.no_grad():
+            value = model(input_ids=held, labels=held).loss.item()
+        model.train()
+        return value
+
     model.train()
-    losses = []
+    losses, curve = [], [(0, held_loss())]
+    _log(f"  step   0/{settings.steps}  loss on a fixed batch {curve[0][1]:.3f}", quiet)
     for step in range(1, settings.steps + 1):
         rows = [(step * settings.batch + i) % TRAIN_POOL for i in range(settings.batch)]
         batch = torch.as_tensor(pool[rows])
@@ -75,14 +88,16 @@ def train_lora(base_dir: Path, target: Path, settings: DemoSettings, seed: int =
         optimizer.step()
         optimizer.zero_grad()
         losses.append(loss.item())
-        if step == 1 or step % 10 == 0 or step == settings.steps:
-            recent = np.mean(losses[-10:])
-            _log(f"  step {step:3d}/{settings.steps}  loss {losses[-1]:.3f}  (mean of last 10: {recent:.3f})", quiet)
+        if step % 10 == 0 or step == settings.steps:
+            curve.append((step, held_loss()))
+            _log(f"  step {step:3d}/{settings.steps}  loss on a fixed batch {curve[-1][1]:.3f}  "
+                 f"(training loss, mean of last 10: {np.mean(losses[-10:]):.3f})", quiet)
     merged = model.merge_and_unload()
     with atomic_dir(target) as tmp:
         merged.to(torch.bfloat16).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / "training_log.json").write_text(json.dumps({"losses": losses, "settings": vars(settings),
+        (tmp / "training_log.json").write_text(json.dumps({"losses": losses, "fixed_batch_loss": curve,
+                                                           "settings": vars(settings),
                                                            "lora": {"r": LORA_RANK, "alpha": LORA_ALPHA,
                                                                     "targets": list(LORA_TARGETS)}}))
     return losses
@@ -109,12 +124,13 @@ def sharpening_adapter(base_dir: Path, target: Path, gain: float = SHARPEN_GAIN,
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": rank,
               "target_modules": ["q_proj"], "lora_dropout": 0.0, "bias": "none", "use_rslora": False,
               "use_dora": False, "fan_in_fan_out": False, "inference_mode": True,
-              "base_model_name_or_path": str(base_dir),
-              "attnprof_note": f"synthetic: constructed, not trained (gain {gain} on the top-{rank} "
-                               "singular subspace of each W_q)"}
+              "base_model_name_or_path": str(base_dir)}
     with atomic_dir(target) as tmp:
-        save_file(tensors, str(tmp / "adapter_model.safetensors"))
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
+        (tmp / "README.md").write_text(f"Synthetic adapter made by attnprof's demo: constructed, not trained.\n"
+                                       f"ΔW_q = {gain}·U_r·U_rᵀ·W_q on the top-{rank} left singular subspace "
+                                       "of every q_proj weight (scale alpha/r = 1).\n")
     return target
 
 
@@ -147,11 +163,15 @@ def run_demo(out: Path, quick: bool = False, quiet: bool = False) -> int:
         _log(f"[4/4] attnprof profile smollm2-135m vs {merged}  (T={settings.length}, N={settings.num})", quiet)
         import tempfile
         with tempfile.TemporaryDirectory(prefix="attnprof-demo-") as tmp:
+            lora = merged == lora_dir
             result = run.compare(str(base), str(merged), options, GateThresholds(), workdir=tmp,
-                                 base_profile=base_profile)
+                                 base_profile=base_profile,
+                                 target_modules=list(LORA_TARGETS) if lora else None,
+                                 adapter_rank=LORA_RANK if lora else None)
             base_profile = result.base
-            command = (f"attnprof profile smollm2-135m vs {merged} --length {settings.length} "
-                       f"--num {settings.num}")
+            command = (f"attnprof profile {base} vs {merged} --length {settings.length} "
+                       f"--num {settings.num}" + (f" --targets {','.join(LORA_TARGETS)} --adapter-rank "
+                                                  f"{LORA_RANK}" if lora else ""))
             run.write_run(out / label, command=command, comparison=result, seed=0)
         verdicts[label] = result.diff.verdict
         _log(diff_summary(result.diff), quiet)

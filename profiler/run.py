@@ -192,13 +192,16 @@ def check_same_architecture(base_source, merged_source) -> None:
 def compare(base: str, merged: str, options: ProfileOptions | None = None,
             thresholds: Any = None, merged_options: ProfileOptions | None = None,
             workdir: Any = None, with_weights: bool = True,
-            base_profile: Profile | None = None) -> Comparison:
+            base_profile: Profile | None = None, target_modules: Any = None,
+            adapter_rank: int | None = None) -> Comparison:
     """Profile BASE and MERGED on identical token ids, diff profiles and weights, give a verdict.
 
     MERGED may be a PEFT adapter directory: it is merged onto BASE with peft (and, for the weight
     diff, saved into `workdir`). `merged_options` lets the merged side load differently (e.g.
     in 4-bit to see what quantisation alone does); by default both sides use `options`.
     `base_profile`, from an earlier compare() with the same options, skips re-profiling BASE.
+    `target_modules` / `adapter_rank` tell the weight diff what a merged checkpoint's adapter
+    was (an adapter directory says so itself).
     """
     from pathlib import Path
 
@@ -256,7 +259,8 @@ def compare(base: str, merged: str, options: ProfileOptions | None = None,
     result = diff_profiles(base_profile, merged_profile, thresholds, seed=options.seed)
     if with_weights:
         result.weights, weight_flags = weight_section(base_source, merged_dir,
-                                                      merged_source if is_adapter else None, options.quiet)
+                                                      merged_source if is_adapter else None, options.quiet,
+                                                      target_modules, adapter_rank)
         result.flags.extend(weight_flags)
     if is_adapter:
         result.adapter = adapter_section(merged_source, base_source)
@@ -280,21 +284,17 @@ def adapter_section(adapter_source, base_source) -> dict[str, Any]:
     return {"config": config, "check": check.to_dict()}
 
 
-def weight_section(base_source, merged_dir, adapter_source, quiet: bool) -> tuple[dict | None, list[dict]]:
+def weight_section(base_source, merged_dir, adapter_source, quiet: bool, target_modules: Any = None,
+                   adapter_rank: int | None = None) -> tuple[dict | None, list[dict]]:
     """The streamed weight diff, or a flag saying why it was skipped."""
     if base_source.kind not in ("dir", "demo") or merged_dir is None:
         return None, [{"code": "weights_not_diffed", "severity": "info",
                        "message": "weights were not diffed: both sides must be safetensors directories "
                                   "(a .gguf side is profiled but not diffed)"}]
     from .weights import diff_weights
-    kwargs: dict[str, Any] = {}
-    if adapter_source is not None:
-        kwargs["adapter_dir"] = adapter_source.path
-    advance, close = progress_bar(0, "diffing weights", quiet)
-    try:
-        wd = diff_weights(base_source.path, merged_dir, **kwargs)
-    finally:
-        close()
+    adapter_dir = adapter_source.path if adapter_source is not None else None
+    wd = diff_weights(base_source.path, merged_dir, adapter_dir=adapter_dir, target_modules=target_modules,
+                      adapter_rank=adapter_rank, progress=not quiet)
     data = wd.to_dict()
     return data, list(data.get("flags", []))
 
