@@ -39,11 +39,21 @@ def precision_rank(dtype: torch.dtype) -> int:
 
 
 def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Spacing of the float format `dtype` at |x| (float32): the size of one rounding step there."""
+    """Spacing of the float format `dtype` at |x|: the size of one rounding step there.
+
+    The power of two 2**floor(log2|x|) is read from x's exponent bits (float32, or float64 for
+    float64 input), floored at the format's smallest normal number (subnormals and zero share
+    its spacing), then shifted down by the format's mantissa bits.
+    """
     mantissa_bits, min_exponent = FLOAT_FORMATS[dtype]
-    _, exponent = torch.frexp(x.float())           # |x| = f * 2**exponent with f in [0.5, 1)
-    binade = torch.where(x == 0, min_exponent, exponent - 1).clamp(min=min_exponent)
-    return torch.ldexp(torch.ones_like(binade, dtype=torch.float32), binade - mantissa_bits)
+    if x.dtype == torch.float64:
+        binade = (x.view(torch.int64) & 0x7FF0000000000000).view(torch.float64)
+    else:
+        binade = (x.float().view(torch.int32) & 0x7F800000).view(torch.float32)
+    smallest = 2.0 ** min_exponent
+    if smallest < torch.finfo(binade.dtype).tiny:          # float64's range in a float32 tensor
+        binade = binade.double()
+    return binade.clamp_(min=smallest).mul_(2.0 ** -mantissa_bits)
 
 
 def rounding_variance(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -52,8 +62,7 @@ def rounding_variance(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     Round-to-nearest leaves an error uniform in ±ulp/2 for values that are not special
     (continuous-valued weights), hence ulp²/12.
     """
-    step = ulp(x, dtype)
-    return step * step / 12.0
+    return ulp(x, dtype).square_().div_(12.0)
 
 
 def effective_dtype(x: torch.Tensor) -> torch.dtype:
@@ -173,12 +182,17 @@ def _randomized_svdvals(m: torch.Tensor, k: int, seed: int) -> np.ndarray:
     a = a.to(dtype)
     generator = torch.Generator().manual_seed(seed)
     omega = torch.randn(n, width, generator=generator, dtype=dtype)
-    q, _ = torch.linalg.qr(a @ omega)
+    q = _orthonormal(a @ omega)
     for _ in range(POWER_ITERATIONS):
-        z, _ = torch.linalg.qr(a.T @ q)
-        q, _ = torch.linalg.qr(a @ z)
-    projected = (q.T @ a).to(torch.float64)
-    return torch.linalg.svdvals(projected).numpy()[:k]
+        q = _orthonormal(a @ _orthonormal(a.T @ q))
+    # singular values of the width×n projection Qᵀa = those of the R factor of its transpose
+    r = torch.linalg.qr((a.T @ q).to(torch.float64), mode="r")[1]
+    return torch.linalg.svdvals(r).numpy()[:k]
+
+
+def _orthonormal(y: torch.Tensor) -> torch.Tensor:
+    """An orthonormal basis of y's columns (thin QR in float64: stable and fast for thin y)."""
+    return torch.linalg.qr(y.to(torch.float64))[0].to(y.dtype)
 
 
 def lowrank_spectrum(B: torch.Tensor | np.ndarray, A: torch.Tensor | np.ndarray,

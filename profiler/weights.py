@@ -233,17 +233,14 @@ def checkpoint_tensors(path: str | Path) -> dict[str, Path]:
     return {name: info.file for name, info in checkpoint_catalogue(path).items()}
 
 
-class _Readers:
-    """Open safetensors handles, one per file, closed together at the end."""
+def _read(info: TensorInfo, name: str) -> torch.Tensor:
+    """Read one tensor, opening its file just for it.
 
-    def __init__(self, stack: ExitStack):
-        self._stack = stack
-        self._handles: dict[Path, Any] = {}
-
-    def get(self, info: TensorInfo, name: str) -> torch.Tensor:
-        handle = self._handles.get(info.file)
-        if handle is None:
-            handle = self._handles[info.file] = self._stack.enter_context(_open(info.file))
+    safetensors hands out tensors backed by a memory map of the file; pages that were read
+    stay resident for as long as the map is open. Opening per tensor ties the map's lifetime
+    to the tensor's, so memory never accumulates across a shard.
+    """
+    with _open(info.file) as handle:
         try:
             return handle.get_tensor(name)
         except Exception as exc:
@@ -495,8 +492,9 @@ def _stream_pair(wb: torch.Tensor, wm: torch.Tensor, fmt_b: torch.dtype, fmt_m: 
             fine = m if coarse_b else b
             other = b if coarse_b else m
             rounding_only = torch.equal(fine.to(coarser).to(work), other)
-        var = (spectra.rounding_variance(b, fmt_b) + spectra.rounding_variance(m, fmt_m)
-               + spectra.rounding_variance(d, fmt_m))
+        var = spectra.rounding_variance(b, fmt_b)
+        var += spectra.rounding_variance(m, fmt_m)
+        var += spectra.rounding_variance(d, fmt_m)
         noise_energy += float(var.sum(dtype=torch.float64))
         if matrix:
             row_var[block] += var.sum(dim=1, dtype=torch.float64)
@@ -568,7 +566,7 @@ def _compare_adapter(td: TensorDiff, scan: _Pass | None, ad: AdapterDelta, top_k
     return True
 
 
-def _diff_pair(name: str, ib: TensorInfo, im: TensorInfo, readers: _Readers,
+def _diff_pair(name: str, ib: TensorInfo, im: TensorInfo,
                in_targets: bool | None, adapter_delta: AdapterDelta | None,
                adapter_rank: int | None, top_k: int) -> tuple[TensorDiff, bool]:
     """Diff one tensor pair; returns the TensorDiff and whether the adapter factors fit it."""
@@ -578,7 +576,7 @@ def _diff_pair(name: str, ib: TensorInfo, im: TensorInfo, readers: _Readers,
     if ib.shape != im.shape:
         td.status, td.changed, td.shape_merged = SHAPE_MISMATCH, True, list(im.shape)
         return td, True
-    wb, wm = readers.get(ib, name), readers.get(im, name)
+    wb, wm = _read(ib, name), _read(im, name)
     floats = ib.torch_dtype in spectra.FLOAT_FORMATS and im.torch_dtype in spectra.FLOAT_FORMATS
     scan = None
     if wb.dtype == wm.dtype and torch.equal(wb, wm):
@@ -810,13 +808,11 @@ def diff_weights(base_dir: str | Path, merged_dir: str | Path, *, adapter_dir: s
     adapter_misfit: list[str] = []
     try:
         with ExitStack() as stack:
-            readers = _Readers(stack)
             adapter_handle = stack.enter_context(_open(adapter.file)) if adapter_plan else None
             for i, name in enumerate(common):
                 ib, im = base_cat[name], merged_cat[name]
                 ad = adapter.delta(adapter_plan[name], adapter_handle) if name in adapter_plan else None
-                td, fits = _diff_pair(name, ib, im, readers, targets(name, len(ib.shape)), ad,
-                                      adapter_rank, top_k)
+                td, fits = _diff_pair(name, ib, im, targets(name, len(ib.shape)), ad, adapter_rank, top_k)
                 if not fits:
                     adapter_misfit.append(ad.module)
                 tensors.append(td)

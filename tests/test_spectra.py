@@ -10,6 +10,16 @@ import torch
 from profiler import spectra
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread here: on a shared 2-core machine, 2 OpenMP threads stall whenever another
+    process holds a core, which makes small linear algebra tens of times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
