@@ -40,9 +40,10 @@ ROUNDING_ONLY = "rounding only"
 BELOW_FLOOR = "below floor"
 LOW_RANK = "low-rank"
 HIGH_RANK = "high-rank"
-CHANGED = "changed"                # tensors that are not 2-D matrices
+CHANGED = "changed"                # tensors that are not 2-D float matrices
 SHAPE_MISMATCH = "shape mismatch"
-STATUSES = (UNCHANGED, ROUNDING_ONLY, BELOW_FLOOR, LOW_RANK, HIGH_RANK, CHANGED, SHAPE_MISMATCH)
+NON_FINITE = "non-finite"          # NaN or ±inf in either checkpoint
+STATUSES = (UNCHANGED, ROUNDING_ONLY, BELOW_FLOOR, LOW_RANK, HIGH_RANK, CHANGED, SHAPE_MISMATCH, NON_FINITE)
 
 _SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -63,8 +64,8 @@ class TensorDiff(Result):
     status: "unchanged" (identical values), "rounding only" (the two agree once rounded to the
     coarser of their float formats), "below floor" (changed, but no singular value rises above
     the rounding floor: too small to resolve a rank), "low-rank" / "high-rank" (signal rank at
-    most / above LOW_RANK_MAX_FRACTION of min(m, n)), "changed" (a tensor that is not a 2-D
-    matrix), "shape mismatch".
+    most / above LOW_RANK_MAX_FRACTION of min(m, n)), "changed" (not a 2-D float
+    matrix), "shape mismatch", "non-finite" (NaN or ±inf on the side(s) named in non_finite).
     """
     name: str
     shape: list[int]
@@ -89,6 +90,7 @@ class TensorDiff(Result):
     adapter_rel_error: float | None = None      # ‖ΔW − scale·B·A‖_F / ‖scale·B·A‖_F
     adapter_residual_noise: float | None = None  # ‖ΔW − scale·B·A‖_F / expected ‖rounding noise‖_F
     shape_merged: list[int] | None = None
+    non_finite: list[str] = field(default_factory=list)
 
     def row(self) -> dict[str, Any]:
         """Scalar fields plus the largest singular values, for one table row."""
@@ -447,6 +449,7 @@ class _Targets:
 class _Pass:
     """What one streaming pass over a tensor pair measured."""
     delta: torch.Tensor | None        # ΔW for 2-D pairs that differ (float32/float64)
+    finite: bool
     nonzero: bool
     rounding_only: bool
     delta_energy: float
@@ -479,13 +482,15 @@ def _stream_pair(wb: torch.Tensor, wm: torch.Tensor, fmt_b: torch.dtype, fmt_m: 
     coarser = fmt_b if coarse_b else fmt_m
     row_var = torch.zeros(rows, dtype=torch.float64) if matrix else None
     col_var = torch.zeros(cols, dtype=torch.float64) if matrix else None
-    nonzero, rounding_only = False, True
+    finite, nonzero = True, False
+    rounding_only = fmt_b != fmt_m             # equal formats: any difference is a real change
     delta_energy = base_energy = noise_energy = 0.0
     for block in _blocks(rows, cols):
         b = b2[block].to(work)
         m = m2[block].to(work)
         d = torch.sub(m, b, out=delta[block]) if delta is not None else m - b
         nonzero = nonzero or bool(torch.count_nonzero(d))
+        finite = finite and bool(torch.isfinite(d).all())
         delta_energy += float(torch.linalg.vector_norm(d, dtype=torch.float64)) ** 2
         base_energy += float(torch.linalg.vector_norm(b, dtype=torch.float64)) ** 2
         if rounding_only:
@@ -499,7 +504,7 @@ def _stream_pair(wb: torch.Tensor, wm: torch.Tensor, fmt_b: torch.dtype, fmt_m: 
         if matrix:
             row_var[block] += var.sum(dim=1, dtype=torch.float64)
             col_var += var.sum(dim=0, dtype=torch.float64)
-    return _Pass(delta, nonzero, rounding_only and nonzero, delta_energy, base_energy,
+    return _Pass(delta, finite, nonzero, rounding_only and nonzero, delta_energy, base_energy,
                  noise_energy, row_var, col_var)
 
 
@@ -530,7 +535,8 @@ def _matrix_summary(td: TensorDiff, scan: _Pass, k: int, top_k: int) -> None:
     td.top_singular_values = [float(x) for x in s[:top_k]]
     rank = spectra.signal_rank(s, floor)
     td.signal_rank = rank
-    td.signal_rank_is_lower_bound = (not complete) and rank == s.size
+    complete = complete or s.size == min(delta.shape)      # every singular value is known
+    td.signal_rank_is_lower_bound = not complete and rank == s.size
     r90 = spectra.rank_for_energy(s, scan.delta_energy)
     td.rank90 = r90 if r90 is not None else (s.size if complete else s.size + 1)
     td.rank90_is_lower_bound = r90 is None and not complete
@@ -578,33 +584,35 @@ def _diff_pair(name: str, ib: TensorInfo, im: TensorInfo,
         return td, True
     wb, wm = _read(ib, name), _read(im, name)
     floats = ib.torch_dtype in spectra.FLOAT_FORMATS and im.torch_dtype in spectra.FLOAT_FORMATS
+    matrix = floats and wb.ndim == 2
     scan = None
     if wb.dtype == wm.dtype and torch.equal(wb, wm):
         td.fro_norm, td.rel_norm = 0.0, 0.0
     elif not floats:
-        td.changed = True                 # not bit-identical; no arithmetic on quantised codes
-        td.status = CHANGED
+        td.status, td.changed = CHANGED, True    # not bit-identical; no arithmetic on quantised codes
     else:
-        matrix = wb.ndim == 2
         scan = _stream_pair(wb, wm, spectra.effective_dtype(wb), spectra.effective_dtype(wm), matrix)
+        if not scan.finite:
+            td.status, td.changed = NON_FINITE, True
+            td.non_finite = [side for side, w in (("base", wb), ("merged", wm)) if not torch.isfinite(w).all()]
+            return td, True
         del wb, wm
         td.fro_norm = math.sqrt(scan.delta_energy)
         td.rel_norm = td.fro_norm / math.sqrt(scan.base_energy) if scan.base_energy > 0 else None
-        if not scan.nonzero:
-            td.status = UNCHANGED
-        elif scan.rounding_only:
+        if scan.nonzero and scan.rounding_only:
             td.status = ROUNDING_ONLY
-            if matrix:
-                td.noise_floor = spectra.noise_floor(scan.row_var, scan.col_var)
-        elif not matrix:
+        elif scan.nonzero:
             td.status, td.changed = CHANGED, True
-        else:
-            td.changed = True
+        if matrix and td.changed:
             rank = adapter_delta.rank if adapter_delta is not None else adapter_rank
             k = top_k
             if rank:    # resolve ranks past the "not a pure LoRA merge" threshold
                 k = max(k, int(math.ceil(RANK_WELL_ABOVE_ADAPTER * rank)) + 2)
             _matrix_summary(td, scan, k, top_k)
+        elif matrix and td.status == ROUNDING_ONLY:
+            td.noise_floor = spectra.noise_floor(scan.row_var, scan.col_var)
+    if matrix and not td.changed:            # identical, or rounding by construction: no signal
+        td.signal_rank, td.rank90, td.stable_rank = 0, 0, 0.0
     fits = True
     if adapter_delta is not None:
         fits = _compare_adapter(td, scan, adapter_delta, top_k)
@@ -627,92 +635,86 @@ def _preview(names: Sequence[str], detail: Callable[[str], str] | None = None) -
 def _flags(tensors: list[TensorDiff], missing: list[str], extra: list[str], tied: list[str],
            adapter: _Adapter | None, adapter_missing: list[str], adapter_misfit: list[str],
            adapter_rank: int | None, targets_known: bool) -> list[WeightFlag]:
-    flags: list[WeightFlag] = []
+    """All findings, one flag per code, each message 'what (count): first names'."""
     by_name = {t.name: t for t in tensors}
+    flags: list[WeightFlag] = []
 
-    def add(code: str, severity: str, message: str, names: Sequence[str]) -> None:
-        flags.append(WeightFlag(code, severity, message, list(names)))
+    def add(code: str, severity: str, what: str, names: Sequence[str],
+            detail: Callable[[str], str] | None = None, noun: tuple[str, str] = ("tensor", "tensors")) -> None:
+        if names:
+            count = f"{len(names)} {noun[0] if len(names) == 1 else noun[1]}"
+            flags.append(WeightFlag(code, severity, f"{what} ({count}): {_preview(names, detail)}", list(names)))
 
-    if missing:
-        add("missing_tensors", "error", f"{len(missing)} tensor(s) of the base are missing from the "
-            f"merged checkpoint: {_preview(missing)}", missing)
-    if extra:
-        hint = ("; they include LoRA factors: the adapter was saved but not merged"
-                if any(".lora_" in n for n in extra) else "")
-        add("extra_tensors", "warning", f"{len(extra)} tensor(s) of the merged checkpoint are not in "
-            f"the base: {_preview(extra)}{hint}", extra)
-    if tied:
-        add("tied_embeddings", "info", f"{_preview(tied)} is stored on one side only: the output "
-            "head is tied to the input embeddings there, so it is not compared", tied)
-    mismatched = [t.name for t in tensors if t.status == SHAPE_MISMATCH]
-    if mismatched:
-        add("shape_mismatch", "error", f"{len(mismatched)} tensor(s) changed shape: " + _preview(
-            mismatched, lambda n: f"{_shape(by_name[n].shape)} → {_shape(by_name[n].shape_merged)}"),
-            mismatched)
-    retyped = [t for t in tensors if t.dtype_base != t.dtype_merged]
-    if retyped:
-        pairs = sorted({f"{t.dtype_base} → {t.dtype_merged}" for t in retyped})
-        add("dtype_change", "info", f"{len(retyped)} tensor(s) are stored in another dtype "
-            f"({', '.join(pairs)}); rounding to the coarser format is not counted as a change",
-            [t.name for t in retyped])
+    def where(status: str) -> list[str]:
+        return [t.name for t in tensors if t.status == status]
+
+    matrices = ("matrix", "matrices")
+    unmerged = any(".lora_" in n for n in extra)
+    add("missing_tensors", "error", "in the base but missing from the merged checkpoint", missing)
+    add("extra_tensors", "warning", "in the merged checkpoint but not in the base"
+        + ("; LoRA factors among them: the adapter was saved but not merged" if unmerged else ""), extra)
+    add("tied_embeddings", "info", "output head stored on one side only (tied to the input "
+        "embeddings on the other), not compared", tied)
+    add("non_finite", "error", "NaN or infinite values", where(NON_FINITE),
+        lambda n: " and ".join(by_name[n].non_finite))
+    add("shape_mismatch", "error", "shape changed, not compared", where(SHAPE_MISMATCH),
+        lambda n: f"{_shape(by_name[n].shape)} → {_shape(by_name[n].shape_merged)}")
+    retyped = [t.name for t in tensors if t.dtype_base != t.dtype_merged]
+    add("dtype_change", "info", "stored in another dtype; rounding to the coarser format is not "
+        "counted as a change", retyped, lambda n: f"{by_name[n].dtype_base} → {by_name[n].dtype_merged}")
+
     outside = [t.name for t in tensors if t.changed and t.in_targets is False]
-    if outside:
-        dense = sum(by_name[n].status == HIGH_RANK for n in outside)
-        hint = (": high-rank changes everywhere look like a merge into a de-quantised (QLoRA) base "
-                "or a full fine-tune" if dense > len(outside) / 2 else "")
-        add("changed_outside_targets", "warning", f"{len(outside)} tensor(s) outside the target "
-            f"modules changed beyond rounding{hint}: " + _preview(outside, lambda n: by_name[n].status),
-            outside)
+    dense = sum(by_name[n].status == HIGH_RANK for n in outside) > len(outside) / 2
+    add("changed_outside_targets", "warning", "changed beyond rounding outside the target modules"
+        + ("; high-rank changes everywhere look like a merge into a de-quantised (QLoRA) base or a "
+           "full fine-tune" if dense else ""), outside, lambda n: by_name[n].status)
     ranked = [t for t in tensors if t.signal_rank and t.in_targets is not False]
     over = [t.name for t in ranked if (t.adapter_rank or adapter_rank)
             and t.signal_rank > RANK_WELL_ABOVE_ADAPTER * (t.adapter_rank or adapter_rank)]
-    if over:
-        add("not_pure_lora", "warning", f"{len(over)} matri(x/ces) have a signal rank above "
-            f"{RANK_WELL_ABOVE_ADAPTER:g}× the adapter rank: not a pure LoRA merge: "
-            + _preview(over, lambda n: _rank_text(by_name[n])), over)
+    add("not_pure_lora", "warning", f"signal rank above {RANK_WELL_ABOVE_ADAPTER:g}× the adapter rank: "
+        "not a pure LoRA merge", over, lambda n: _rank_text(by_name[n]), matrices)
     if adapter_rank is None and adapter is None:
-        high = [t.name for t in ranked if t.status == HIGH_RANK]
-        if high:
-            add("high_rank_change", "warning", f"{len(high)} matri(x/ces) changed with a high signal "
-                f"rank (above {LOW_RANK_MAX_FRACTION:g} of their smaller dimension), unlike a LoRA "
-                "merge: " + _preview(high, lambda n: _rank_text(by_name[n])), high)
-    below = [t.name for t in tensors if t.status == BELOW_FLOOR]
-    if below:
-        add("below_floor", "info", f"{len(below)} matri(x/ces) changed by less than the rounding floor "
-            "of their stored formats: no rank can be resolved: " + _preview(below), below)
-    unfaithful = [t.name for t in tensors if t.adapter_rel_error is not None
+        add("high_rank_change", "warning", f"signal rank above {LOW_RANK_MAX_FRACTION:g} of the smaller "
+            "dimension, unlike a LoRA merge", [t.name for t in ranked if t.status == HIGH_RANK],
+            lambda n: _rank_text(by_name[n]), matrices)
+    add("below_floor", "info", "changed by less than the rounding floor of the stored formats: no "
+        "rank can be resolved", where(BELOW_FLOOR), noun=matrices)
+    flags.extend(_adapter_flags(tensors, adapter, adapter_missing, adapter_misfit, add))
+    nonfloat = [t.name for t in tensors if t.dtype_base not in _FLOAT_NAMES or t.dtype_merged not in _FLOAT_NAMES]
+    add("non_float_tensors", "info", "not floating point (e.g. quantised codes), compared for "
+        "equality only", nonfloat)
+    if not targets_known and any(t.changed for t in tensors):
+        flags.append(WeightFlag("targets_unknown", "info", "no adapter or target modules given: changes "
+                                "cannot be checked against the modules the fine-tune was meant to touch"))
+    return flags
+
+
+def _adapter_flags(tensors: list[TensorDiff], adapter: _Adapter | None, adapter_missing: list[str],
+                   adapter_misfit: list[str], add: Callable[..., None]) -> list[WeightFlag]:
+    """Findings about the adapter itself; list-valued ones go through `add`, the rest are returned."""
+    unfaithful = [t for t in tensors if t.adapter_rel_error is not None
                   and t.adapter_rel_error > MERGE_REL_ERROR_MIN
                   and (t.adapter_residual_noise is None or t.adapter_residual_noise > MERGE_RESIDUAL_NOISE_MAX)]
-    if unfaithful:
-        add("merge_unfaithful", "warning", f"{len(unfaithful)} matri(x/ces) differ from the adapter's "
-            "scale·B·A by more than rounding (wrong scale, DoRA, another adapter, or not merged): "
-            + _preview(unfaithful, lambda n: f"relative error {by_name[n].adapter_rel_error:.3g}"),
-            unfaithful)
-    if adapter_missing:
-        add("adapter_weight_missing", "error", f"{len(adapter_missing)} module(s) of the adapter have "
-            f"no weight in both checkpoints: {_preview(adapter_missing)}", adapter_missing)
-    if adapter_misfit:
-        add("adapter_shape_mismatch", "error", f"{len(adapter_misfit)} module(s) of the adapter do not "
-            f"fit the shape of their weight: {_preview(adapter_misfit)}", adapter_misfit)
-    if adapter is not None:
-        if not adapter.is_lora:
-            add("adapter_not_lora", "info", f"peft_type {adapter.peft_type} is not LoRA: no exact "
-                "adapter spectrum", [])
-        if adapter.use_dora:
-            add("dora_merge", "info", "the adapter uses DoRA: its merge rescales whole columns, so ΔW "
-                "is not scale·B·A and may be full rank", [])
-        if adapter.unsupported:
-            add("adapter_unsupported", "info", f"{len(adapter.unsupported)} adapter module(s) are not "
-                f"2-D (e.g. convolutions) and get no exact spectrum: {_preview(adapter.unsupported)}",
-                adapter.unsupported)
-    nonfloat = [t.name for t in tensors if t.dtype_base not in _FLOAT_NAMES or t.dtype_merged not in _FLOAT_NAMES]
-    if nonfloat:
-        add("non_float_tensors", "info", f"{len(nonfloat)} tensor(s) are not floating point (e.g. "
-            f"quantised); they are compared for equality only: {_preview(nonfloat)}", nonfloat)
-    if not targets_known and any(t.changed for t in tensors):
-        add("targets_unknown", "info", "no adapter or target modules given: changes cannot be checked "
-            "against the modules the fine-tune was meant to touch", [])
-    return flags
+    errors = {t.name: t.adapter_rel_error for t in unfaithful}
+    add("merge_unfaithful", "warning", "ΔW differs from the adapter's scale·B·A by more than rounding "
+        "(wrong scale, DoRA, another adapter, or not merged)", list(errors),
+        lambda n: f"relative error {errors[n]:.3g}", ("matrix", "matrices"))
+    add("adapter_weight_missing", "error", "adapter modules whose weight is not in both checkpoints",
+        adapter_missing, noun=("module", "modules"))
+    add("adapter_shape_mismatch", "error", "adapter modules whose factors do not fit their weight's shape",
+        adapter_misfit, noun=("module", "modules"))
+    if adapter is None:
+        return []
+    add("adapter_unsupported", "info", "adapter modules that are not 2-D (e.g. convolutions), no "
+        "exact spectrum", adapter.unsupported, noun=("module", "modules"))
+    out = []
+    if not adapter.is_lora:
+        out.append(WeightFlag("adapter_not_lora", "info",
+                              f"peft_type {adapter.peft_type} is not LoRA: no exact adapter spectrum"))
+    if adapter.use_dora:
+        out.append(WeightFlag("dora_merge", "info", "the adapter uses DoRA: its merge rescales whole "
+                              "columns, so ΔW is not scale·B·A and may read as full rank"))
+    return out
 
 
 _FLOAT_NAMES = {str(d).removeprefix("torch.") for d in spectra.FLOAT_FORMATS}

@@ -114,7 +114,7 @@ def lora(tmp_path_factory) -> dict[str, Path]:
 def test_exact_copy_is_unchanged(lora, tmp_path):
     shutil.copytree(lora["base"], tmp_path / "copy")
     wd = diff_weights(lora["base"], tmp_path / "copy")
-    assert wd.num_tensors == 21 and wd.num_changed == 0 and wd.max_signal_rank is None
+    assert wd.num_tensors == 21 and wd.num_changed == 0 and wd.max_signal_rank == 0
     assert all(t.status == "unchanged" and t.rel_norm == 0 and t.fro_norm == 0 for t in wd.tensors)
     assert wd.flags == []
 
@@ -212,6 +212,18 @@ def test_randomized_path_reads_rank_8_in_fp32_and_bf16(tmp_path):
         np.testing.assert_allclose(t.top_singular_values[:8], exact, rtol=1e-3)
 
 
+def test_randomized_path_reports_a_dense_change_as_a_lower_bound(tmp_path):
+    w0 = torch.randn(1024, 1024, generator=_gen(14)) * 0.02
+    name = "model.layers.0.mlp.up_proj.weight"
+    noisy = w0 + 1e-3 * torch.randn(1024, 1024, generator=_gen(15))
+    wd = diff_weights(_save(tmp_path / "b", {name: w0}), _save(tmp_path / "m", {name: noisy}), adapter_rank=8)
+    t = wd[name]
+    assert (t.svd, t.status, t.signal_rank_is_lower_bound) == ("randomized", "high-rank", True)
+    assert t.signal_rank == weights.MAX_RANK_PROBE and t.rank90_is_lower_bound
+    assert len(t.top_singular_values) == 32
+    assert "≥256" in {f.code: f for f in wd.flags}["not_pure_lora"].message
+
+
 @pytest.mark.parametrize("size", [256, 1024])
 def test_change_below_the_bf16_floor_is_not_a_rank(tmp_path, size):
     w0 = torch.randn(size, size, generator=_gen(12)) * 0.02
@@ -284,6 +296,20 @@ def test_missing_extra_and_reshaped_tensors(tmp_path):
     assert flags["tied_embeddings"].severity == "info"
     assert wd[p + "k_proj.weight"].status == "shape mismatch"
     assert wd.num_missing == 1 and wd.num_extra == 1
+
+
+def test_non_finite_weights_are_an_error_flag(tmp_path):
+    base = _layer(31)
+    merged = dict(base)
+    broken = base["model.layers.0.self_attn.o_proj.weight"].clone()
+    broken[3, 5] = float("nan")
+    merged["model.layers.0.self_attn.o_proj.weight"] = broken
+    wd = diff_weights(_save(tmp_path / "b", base), _save(tmp_path / "m", merged))
+    t = wd["model.layers.0.self_attn.o_proj.weight"]
+    assert (t.status, t.non_finite, t.changed) == ("non-finite", ["merged"], True)
+    flag = {f.code: f for f in wd.flags}["non_finite"]
+    assert flag.severity == "error" and "merged" in flag.message
+    assert json.loads(wd.to_json())["num_changed"] == 1
 
 
 def test_nothing_in_common_is_an_error(tmp_path):
