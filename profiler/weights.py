@@ -221,12 +221,18 @@ def checkpoint_catalogue(path: str | Path) -> dict[str, TensorInfo]:
     Only headers are read. Every shard is opened once here, so a corrupt or truncated file is
     reported before any work starts.
     """
+    path = Path(path)
     catalogue: dict[str, TensorInfo] = {}
-    for file in _weight_files(Path(path)):
+    for file in _weight_files(path):
         for name, info in _header(file).items():
             if name in catalogue:
                 raise AttnprofError(f"{file}: tensor {name} is also stored in {catalogue[name].file.name}")
             catalogue[name] = info
+    index = path if path.name.endswith(".index.json") else path / INDEX_FILE
+    if index.is_file():
+        for name, file in json.loads(index.read_text(encoding="utf-8"))["weight_map"].items():
+            if name not in catalogue or catalogue[name].file.name != Path(file).name:
+                raise AttnprofError(f"{index.parent / file}: tensor {name} listed in {index.name} is not in it")
     return catalogue
 
 
