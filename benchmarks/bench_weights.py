@@ -68,8 +68,8 @@ def tensor_shapes(layers: int) -> list[tuple[str, tuple[int, ...]]]:
         p = f"model.layers.{i}."
         out += [(p + "input_layernorm.weight", (HIDDEN,)), (p + "post_attention_layernorm.weight", (HIDDEN,))]
         out += [(p + f"self_attn.{m}.weight", (HIDDEN, HIDDEN)) for m in ("q_proj", "k_proj", "v_proj", "o_proj")]
-        out += [(p + "mlp.gate_proj.weight", (INTERMEDIATE, HIDDEN)), (p + "mlp.up_proj.weight", (INTERMEDIATE, HIDDEN)),
-                (p + "mlp.down_proj.weight", (HIDDEN, INTERMEDIATE))]
+        out += [(p + f"mlp.{m}.weight", (INTERMEDIATE, HIDDEN)) for m in ("gate_proj", "up_proj")]
+        out += [(p + "mlp.down_proj.weight", (HIDDEN, INTERMEDIATE))]
     return out + [("model.norm.weight", (HIDDEN,)), ("lm_head.weight", (VOCAB, HIDDEN))]
 
 
