@@ -6,6 +6,7 @@ Methods, each in its own child process (so peak memory is its own, under a memor
   dense   attnprof's dense capture (Triton kernel on CUDA, chunked torch on CPU)
   hooks   the usual way: eager attention with output_attentions=True, every T×T map kept
   taf     the TAF diagnose protocol (distances 10…2000, last query, d+50 tokens, one forward each)
+  paired  plain and tail forwards interleaved probe by probe in one process (the fairest ratio)
 All forward passes compute logits for the last position only (logits_to_keep=1), the same for all.
 Times exclude model loading; peak memory is the process's high-water RSS (or CUDA peak) during
 the timed part. TAF is also reported as the projected time to reach the tail estimator's
@@ -82,12 +83,29 @@ def child(method: str, length: int, num: int, device: str) -> dict:
             with torch.inference_mode():
                 att = model(input_ids=torch.as_tensor(row[None], device=model.device), use_cache=False,
                             logits_to_keep=1, output_attentions=True).attentions
-                visible = cap._visible_tail(None, length, window, att[0].device)
-                rows.append(torch.stack([cap.reduce_tail(a[:, :, -window:].float(), visible).A[0].cpu()
+                counts = cap._visible_tail(None, length, window, att[0].device).sum(dim=-1)
+                rows.append(torch.stack([cap.reduce_tail(a[:, :, -window:].float(), counts).A[0].cpu()
                                          for a in att]))
             del att
     elif method == "taf":
         curves = cap.capture_taf(model, probes.input_ids)
+    elif method == "paired":
+        # plain and tail forwards interleaved probe by probe in one process, so machine drift
+        # hits both alike: with no recorder active the attnprof attention is exactly SDPA
+        plain = tail = 0.0
+        for n, row in enumerate(probes.input_ids):
+            ids = torch.as_tensor(row[None], device=model.device)
+            for kind in (("plain", "tail") if n % 2 == 0 else ("tail", "plain")):
+                t = time.perf_counter()
+                if kind == "tail":
+                    with cap.recording(cap.Recorder("tail", window)), torch.inference_mode():
+                        model(input_ids=ids, use_cache=False, logits_to_keep=1)
+                    tail += time.perf_counter() - t
+                else:
+                    with torch.inference_mode():
+                        model(input_ids=ids, use_cache=False, logits_to_keep=1)
+                    plain += time.perf_counter() - t
+        result.update(plain_seconds=plain, tail_seconds=tail, ratio=tail / plain)
     if cuda:
         torch.cuda.synchronize()
     result["seconds"] = time.perf_counter() - t0
@@ -132,7 +150,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192])
     ap.add_argument("--num", type=int, default=8, help="probes at the first length (fewer at longer ones)")
-    ap.add_argument("--methods", default="plain,tail,dense,hooks,taf")
+    ap.add_argument("--methods", default="plain,tail,dense,hooks,taf,paired")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--budget-gb", type=float, default=16.0, help="address-space budget per child (CPU)")
     ap.add_argument("--json", default=None, help="also write all results to this file")
@@ -158,6 +176,9 @@ def main() -> None:
                 continue
             ratio = f"{r['seconds'] / base:8.2f}" if base else "       -"
             extra = f"  {r['gamma']:.3f} (±{r['ci_half_width']:.3f})" if "gamma" in r else ""
+            if m == "paired":
+                extra = (f"  interleaved: plain {r['plain_seconds']:.2f} s, tail {r['tail_seconds']:.2f} s, "
+                         f"tail/plain = {r['ratio']:.2f}")
             cuda = f"  cuda {r['peak_cuda_mb']:.0f} MB" if "peak_cuda_mb" in r else ""
             print(f"  {m:7s} {r['seconds']:9.2f} {ratio} {r['peak_rss_mb']:12.0f}{extra}{cuda}")
         tail, taf = rows.get("tail", {}), rows.get("taf", {})

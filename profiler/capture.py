@@ -59,6 +59,9 @@ class LayerStats:
     entropy: torch.Tensor
 
 
+MASKED = -1e30     # finite "minus infinity": exp() gives exactly 0 and 0 · MASKED stays 0
+
+
 def _visible_tail(mask: torch.Tensor | None, length: int, window: int, device) -> torch.Tensor:
     """Boolean (B|1, 1|H, W, T) visibility of keys for the tail queries (True = attended)."""
     if mask is None:
@@ -70,37 +73,71 @@ def _visible_tail(mask: torch.Tensor | None, length: int, window: int, device) -
     return tail > torch.finfo(tail.dtype).min / 2
 
 
-def reduce_tail(probs: torch.Tensor, visible: torch.Tensor) -> LayerStats:
-    """Reduce tail-query attention rows (B, H, W, T) to distance statistics (float32)."""
-    _, _, window, length = probs.shape
+def _tail_profile(probs: torch.Tensor) -> torch.Tensor:
+    """A(d) = mean over tail rows r of probs[r, T-W+r-d], d = 0..T-W, without copying.
+
+    Row r's keys r, r+1, ..., r+T-W lie on a stride-(T+1) diagonal band of the contiguous
+    (W, T) block, so a strided view sums them in one pass (then flip e = T-W-d to d)."""
+    probs = probs.contiguous()
+    batch, heads, window, length = probs.shape
     span = length - window + 1
-    rows = torch.arange(window, device=probs.device)[:, None]
-    index = (length - window + rows - torch.arange(span, device=probs.device)[None, :])
-    A = probs.gather(-1, index.expand(*probs.shape[:2], window, span)).mean(dim=2)
+    band = probs.as_strided((batch, heads, window, span),
+                            (heads * window * length, window * length, length + 1, 1))
+    return band.mean(dim=2).flip(-1)
+
+
+def reduce_tail(probs: torch.Tensor, visible_count: torch.Tensor, plogp_sum: torch.Tensor | None = None
+                ) -> LayerStats:
+    """Reduce tail-query attention rows (B, H, W, T) to distance statistics (float32).
+
+    visible_count: keys each row may attend to (for the entropy's normalisation), broadcastable
+    to (B, H, W); plogp_sum: Σ p·ln p per row when the caller has it from log-probabilities."""
+    A = _tail_profile(probs)
     sink = probs[..., 0].mean(dim=-1)
     local = A[..., : rules.LOCAL_MAX_DISTANCE + 1].sum(dim=-1)
-    plogp = torch.where(probs > 0, probs * torch.log(probs.clamp_min(1e-45)), torch.zeros_like(probs))
-    n_visible = visible.sum(dim=-1).clamp_min(2).to(probs.dtype)
-    entropy = (-plogp.sum(dim=-1) / torch.log(n_visible)).mean(dim=-1)
+    if plogp_sum is None:
+        plogp_sum = torch.special.xlogy(probs, probs).sum(dim=-1)
+    entropy = (-plogp_sum / torch.log(visible_count.clamp_min(2).to(probs.dtype))).mean(dim=-1)
     return LayerStats(A, sink, local, entropy)
 
 
 def tail_stats(query: torch.Tensor, key: torch.Tensor, scaling: float, mask: torch.Tensor | None,
                window: int) -> LayerStats:
-    """Tail-window statistics straight from post-RoPE queries and (unexpanded GQA) keys."""
+    """Tail-window statistics straight from post-RoPE queries and (unexpanded GQA) keys.
+
+    Query heads that share a key/value head are multiplied against it in one matmul (no
+    expanded copy of the keys); blocks of key/value heads keep the scores under HEAD_BLOCK_BYTES."""
     batch, heads, length, dim = query.shape
-    groups = heads // key.shape[1]
-    visible = _visible_tail(mask, length, window, query.device)
-    block = max(1, min(heads, HEAD_BLOCK_BYTES // max(1, batch * window * length * 4)))
+    kv_heads = key.shape[1]
+    groups = heads // kv_heads
+    causal_only = mask is None
+    if causal_only:      # only the last W keys are partly hidden from the tail queries
+        hidden = torch.ones(window, window, dtype=torch.bool, device=query.device).triu(1)
+        counts = torch.arange(length - window + 1, length + 1, device=query.device, dtype=torch.float32)
+    else:
+        visible = _visible_tail(mask, length, window, query.device)
+        counts = visible.sum(dim=-1).float()
+    per_block = max(1, HEAD_BLOCK_BYTES // max(1, batch * groups * window * length * 4))
     parts = []
-    for h0 in range(0, heads, block):
-        h1 = min(heads, h0 + block)
-        q = query[:, h0:h1, length - window:, :].float()
-        k = key[:, torch.arange(h0, h1, device=key.device) // groups].float()
-        scores = torch.matmul(q, k.transpose(-1, -2)) * scaling
-        vis = visible if visible.shape[1] == 1 else visible[:, h0:h1]
-        scores = scores.masked_fill(~vis, float("-inf"))
-        parts.append(reduce_tail(torch.softmax(scores, dim=-1), vis))
+    for g0 in range(0, kv_heads, per_block):
+        g1 = min(kv_heads, g0 + per_block)
+        q = query[:, g0 * groups:g1 * groups, length - window:, :].float() * scaling
+        q = q.reshape(batch, g1 - g0, groups * window, dim)
+        k = key[:, g0:g1].float()
+        scores = torch.matmul(q, k.transpose(-1, -2)).view(batch, (g1 - g0) * groups, window, length)
+        if causal_only:
+            scores[..., length - window:].masked_fill_(hidden, MASKED)
+            cnt = counts
+        else:
+            vis = visible if visible.shape[1] == 1 else visible[:, g0 * groups:g1 * groups]
+            scores.masked_fill_(~vis, MASKED)
+            cnt = counts if counts.shape[1] == 1 else counts[:, g0 * groups:g1 * groups]
+        shifted = scores.sub_(scores.amax(dim=-1, keepdim=True))      # s - max, in place
+        probs = shifted.exp()
+        norm = probs.sum(dim=-1, keepdim=True)
+        probs.div_(norm)
+        plogp = torch.linalg.vecdot(probs, shifted) - torch.log(norm[..., 0])   # Σ p ln p
+        parts.append(reduce_tail(probs, cnt, plogp))
     return LayerStats(*(torch.cat([getattr(p, f) for p in parts], dim=1)
                         for f in ("A", "sink", "local", "entropy")))
 
@@ -187,7 +224,7 @@ def eager_hooks(model: torch.nn.Module, recorder: Recorder) -> Iterator[Recorder
         length, window = weights.shape[-1], recorder.window
         visible = _visible_tail(kwargs.get("attention_mask"), length, window, weights.device)
         probs = weights[:, :, length - window:, :].float()
-        _store(recorder, recorder.layer_index(module), reduce_tail(probs, visible))
+        _store(recorder, recorder.layer_index(module), reduce_tail(probs, visible.sum(dim=-1)))
 
     handles = [m.register_forward_hook(hook, with_kwargs=True) for m in attention_modules(model)]
     if not handles:
