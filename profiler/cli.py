@@ -184,19 +184,6 @@ def cmd_demo(args) -> int:
     return run_demo(out=Path(args.out), quick=args.quick, quiet=args.quiet)
 
 
-def _quiet_libraries() -> None:
-    """transformers' own progress bars and advice would drown our one-line messages."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    import logging
-
-    from transformers.utils import logging as hf_logging
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    for name in ("bitsandbytes", "peft", "accelerate"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
 def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
     """Our own warnings as one line; libraries' deprecation chatter only with ATTNPROF_DEBUG."""
     if os.environ.get("ATTNPROF_DEBUG") or f"{os.sep}profiler{os.sep}" in str(filename):
@@ -209,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     warnings.showwarning = _warning_line
     try:
         args = build_parser().parse_args(argv)
-        _quiet_libraries()
+        from .run import quiet_libraries
+        quiet_libraries()
         handlers = {"profile": lambda: cmd_profile(args, command), "check-adapter": lambda: cmd_check_adapter(args),
                     "report": lambda: cmd_report(args), "demo": lambda: cmd_demo(args)}
         return handlers[args.command]()

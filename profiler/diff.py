@@ -65,7 +65,8 @@ class ProfileDiff(Result):
     js_mean: float
     transitions: dict[str, Any]
     heads: list[HeadDiff]
-    weights: dict[str, Any] | None = None
+    weights: list[dict[str, Any]] | None = None          # one entry per tensor (see weights.TensorDiff)
+    weights_summary: dict[str, Any] | None = None         # counts and lists of the weight diff
     adapter: dict[str, Any] | None = None
     flags: list[dict[str, str]] = field(default_factory=list)
     probes_fingerprint: str = ""

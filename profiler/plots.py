@@ -544,11 +544,19 @@ def plot_transition_matrix(diff_json: Mapping[str, Any]) -> Figure:
 
 # --- weights ---------------------------------------------------------------------------------
 
-def _weight_tensors(diff_json: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+def weight_tensors(diff_json: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The per-tensor entries of diff.json's weight diff (a list; empty when weights were skipped)."""
     weights = diff_json.get("weights")
-    if not weights or not weights.get("tensors"):
+    if isinstance(weights, Mapping):            # older layout: {"tensors": [...], ...}
+        weights = weights.get("tensors")
+    return list(weights or [])
+
+
+def _weight_tensors(diff_json: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    tensors = weight_tensors(diff_json)
+    if not tensors:
         raise ValueError("diff.json has no weight diff (weights is null or empty)")
-    return list(weights["tensors"])
+    return tensors
 
 
 def _module_order(modules: Iterable[str]) -> list[str]:

@@ -209,8 +209,7 @@ def figure_specs(data: RunData) -> list[FigureSpec]:
                    "Counts of heads; the diagonal (boxed) keeps its label.",
                    lambda: plots.plot_transition_matrix(diff)),
     ]
-    weights = diff.get("weights")
-    if weights and weights.get("tensors"):
+    if plots.weight_tensors(diff):
         specs += [
             FigureSpec("weight_norms.png", "Relative weight change",
                        "Heatmap of the relative Frobenius norm of the weight change per layer "
@@ -592,9 +591,10 @@ def build_html(data: RunData, figures: Sequence[tuple[FigureSpec, bytes]]) -> st
                                "changed. Click a column header to sort.</p>"
              + _heads_table_pair(diff)),
         ]
-        if diff.get("weights"):
+        if plots.weight_tensors(diff):
             weight_figs = figs.get("weight_norms.png", "") + figs.get("spectra.png", "")
-            sections.append(("weights", "Weights", _weights_section(diff["weights"], weight_figs)))
+            weights = {**(diff.get("weights_summary") or {}), "tensors": plots.weight_tensors(diff)}
+            sections.append(("weights", "Weights", _weights_section(weights, weight_figs)))
         if diff.get("adapter"):
             sections.append(("adapter", "Adapter", _adapter_section(diff["adapter"])))
         sections.append(("flags", "Flags", _findings_table(diff.get("flags") or [])))
@@ -674,8 +674,7 @@ def summary_markdown(run: str | Path | RunData) -> str:
              f"threshold ≤ {_pct(th['max_regime_flips'])})",
              f"- mean JS divergence: {_fmt(diff.get('js_mean'), 4)}",
              "- reasons: " + "; ".join(str(r) for r in diff.get("reasons") or ["—"])]
-    weights = diff.get("weights") or {}
-    tensors = [t for t in weights.get("tensors") or [] if math.isfinite(_num(t.get("rel_norm")))]
+    tensors = [t for t in plots.weight_tensors(diff) if math.isfinite(_num(t.get("rel_norm")))]
     if tensors:
         tensors.sort(key=lambda t: -_num(t.get("rel_norm")))
         lines += ["", "Top weight changes:", "",
@@ -683,7 +682,7 @@ def summary_markdown(run: str | Path | RunData) -> str:
                   "|---|---:|---:|---:|---|"]
         lines += [f"| `{t.get('name')}` | {_num(t.get('rel_norm')):.3g} | {t.get('rank90')} | "
                   f"{t.get('signal_rank')} | {t.get('status')} |" for t in tensors[:WEIGHT_TABLE_TOP]]
-    flags = list(weights.get("flags") or []) + list(diff.get("flags") or [])
+    flags = list(diff.get("flags") or [])
     adapter = diff.get("adapter") or {}
     flags += list((adapter.get("check") or {}).get("findings") or [])
     if flags:

@@ -46,6 +46,27 @@ class ProfileOptions:
                     load_in_8bit=self.load_in_8bit, device_map=self.device_map)
 
 
+def quiet_libraries() -> None:
+    """Silence transformers' progress bars and advice, and peft/bitsandbytes/accelerate chatter,
+    so only attnprof's own messages reach the terminal (the CLI always does this; the API does it
+    when quiet=True). Also forces offline mode for the hub: attnprof never downloads."""
+    import logging
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    from transformers.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    for name in ("bitsandbytes", "peft", "accelerate"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    warnings.filterwarnings("ignore", category=UserWarning, module="peft")
+
+
+MIN_PROBES_FOR_CI = 4
+
+
 def resolve_length(requested: int | None, max_positions: int | None, allow_truncate: bool) -> int:
     """The probe length: the default is capped at max positions with a warning; an explicit length
     above max positions is refused unless allow_truncate."""
@@ -74,7 +95,11 @@ def progress_bar(total: int, desc: str, quiet: bool) -> tuple[Callable[[int], No
 
 def make_probes(tokenizer, options: ProfileOptions, max_positions: int | None) -> ProbeSet:
     length = resolve_length(options.length, max_positions, options.allow_truncate)
-    return build_probes(options.probes, tokenizer, length, options.num, options.seed)
+    probes = build_probes(options.probes, tokenizer, length, options.num, options.seed)
+    if options.num < MIN_PROBES_FOR_CI:
+        warnings.warn(f"{options.num} probe(s): the bootstrap over probes has few distinct resamples, "
+                      f"so confidence intervals are coarse (use --num {MIN_PROBES_FOR_CI * 2} or more)")
+    return probes
 
 
 def capture_loaded(loaded: LoadedModel, probes: ProbeSet, options: ProfileOptions) -> Profile:
@@ -131,6 +156,8 @@ def profile(model: Any, tokenizer: Any = None, **kwargs: Any) -> Profile:
     >>> p.to_frame().groupby("regime").gamma.describe()      # doctest: +SKIP
     """
     options = ProfileOptions(**kwargs)
+    if options.quiet:
+        quiet_libraries()
     cap.register()
     if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
         loaded = load_model(str(model), attn_implementation=cap.ATTN_NAME, **options.load_kwargs())
@@ -214,6 +241,8 @@ def compare(base: str, merged: str, options: ProfileOptions | None = None,
     options = options or ProfileOptions()
     merged_options = merged_options or options
     thresholds = thresholds or GateThresholds()
+    if options.quiet:
+        quiet_libraries()
     cap.register()
     base_source, merged_source = resolve_source(base), resolve_source(merged)
     if base_source.kind == "adapter":
@@ -258,9 +287,11 @@ def compare(base: str, merged: str, options: ProfileOptions | None = None,
 
     result = diff_profiles(base_profile, merged_profile, thresholds, seed=options.seed)
     if with_weights:
-        result.weights, weight_flags = weight_section(base_source, merged_dir,
-                                                      merged_source if is_adapter else None, options.quiet,
-                                                      target_modules, adapter_rank)
+        summary, weight_flags = weight_section(base_source, merged_dir, merged_source if is_adapter else None,
+                                               options.quiet, target_modules, adapter_rank)
+        if summary is not None:
+            result.weights = summary.pop("tensors")
+            result.weights_summary = summary
         result.flags.extend(weight_flags)
     if is_adapter:
         result.adapter = adapter_section(merged_source, base_source)
@@ -296,7 +327,7 @@ def weight_section(base_source, merged_dir, adapter_source, quiet: bool, target_
     wd = diff_weights(base_source.path, merged_dir, adapter_dir=adapter_dir, target_modules=target_modules,
                       adapter_rank=adapter_rank, progress=not quiet)
     data = wd.to_dict()
-    return data, list(data.get("flags", []))
+    return data, list(data.pop("flags", []))
 
 
 # --- run directories ------------------------------------------------------------------------

@@ -296,6 +296,8 @@ def _diff(base: dict, merged: dict, A: np.ndarray, A_m: np.ndarray, idx: np.ndar
     if flips / n > t.max_regime_flips:
         reasons.append(f"regime flips {flips / n:.1%} > {t.max_regime_flips:.0%}")
     wdiff = _weights(rng, base["model"]["num_layers"], outside=bool(reasons)) if weights else None
+    weight_flags = list(wdiff.pop("flags", [])) if wdiff else []
+    tensors = wdiff.pop("tensors") if wdiff else None
     return {
         "verdict": "regression" if reasons else "pass",
         "thresholds": {"max_model_dgamma": t.max_model_dgamma,
@@ -308,8 +310,9 @@ def _diff(base: dict, merged: dict, A: np.ndarray, A_m: np.ndarray, idx: np.ndar
         "js_mean": float(js.mean()),
         "transitions": {"labels": list(REGIMES), "counts": counts.tolist()},
         "heads": heads,
-        "weights": wdiff,
+        "weights": tensors,
+        "weights_summary": wdiff,
         "adapter": _adapter() if adapter else None,
-        "flags": [{"code": "pade_outside_validity", "severity": "info",
-                   "message": "model gamma is outside the closed-form's regime of validity"}],
+        "flags": weight_flags + [{"code": "pade_outside_validity", "severity": "info",
+                                  "message": "model gamma is outside the closed-form's regime of validity"}],
     }

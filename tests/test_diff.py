@@ -109,7 +109,7 @@ def test_tokenizer_disagreement_is_refused(tiny_dir, tmp_path, capsys):
     text.write_text("attention decays with distance in many heads of a language model. " * 60)
     other = save_tiny(tmp_path / "other", num_key_value_heads=2, tokenizer=other_tok)
     line = one_error(main([str(a) for a in ["profile", tiny_dir, "vs", other, "--probes", f"file:{text}",
-                                            "--length", "64", "--num", "2", "--no-report", "--quiet"]]),
+                                            "--length", "64", "--num", "4", "--no-report", "--quiet"]]),
                      capsys.readouterr().err)
     assert "tokenizers disagree" in line
 
@@ -162,3 +162,17 @@ def test_trainer_callback_stops_a_run_that_breaks_attention(tiny_dir, tmp_path):
     assert callback.history[-1][1].verdict == "regression"
     assert trainer.state.global_step < 20                         # training was stopped early
     assert model.config._attn_implementation != "attnprof"          # the model was restored
+
+
+def test_quantisation_alone_recipe_loads_merged_in_4bit(tiny_dir, tmp_path, capsys):
+    """`profile M vs M --merged-load-in-4bit`: bitsandbytes NF4 on the merged side only."""
+    pytest.importorskip("bitsandbytes")
+    out = tmp_path / "q"
+    code = main([str(a) for a in ["profile", tiny_dir, "vs", tiny_dir, "--merged-load-in-4bit", "--out", out,
+                                  "--json", "--no-weights", "--device", "cpu", *FAST]])
+    data = json.loads(capsys.readouterr().out)
+    assert code in (0, 1) and data["verdict"] in ("pass", "regression")
+    base = json.loads((out / "base/profile.json").read_text())["model"]
+    merged = json.loads((out / "merged/profile.json").read_text())["model"]
+    assert base["quantization"] is None and merged["quantization"] == "nf4"
+    assert any(h["dgamma"] != 0.0 for h in data["heads"])          # quantisation moved something

@@ -43,7 +43,7 @@ def test_capture_memory_stays_far_below_one_attention_map():
     length, heads = 16384, 4
     one_layer_maps_mb = length * length * heads * 4 / 2**20          # 4096 MiB of fp32 T×T maps
     budget_mb = 512
-    assert one_layer_maps_mb > 8 * budget_mb
+    assert one_layer_maps_mb >= 8 * budget_mb
     result = run_child(length)
     assert result["shape"] == [1, 1, heads, length - 256 + 1]
     assert result["growth_mb"] < budget_mb, result
