@@ -490,7 +490,9 @@ def plot_top_shifted(diff_json: Mapping[str, Any], base_A: np.ndarray, merged_A:
         ax.set_xscale("log")
         ax.set_yscale("log")
         tidy_log_y(ax)
-        ax.set_title(f"L{layer} H{head}  Δγ = {_num(h['dgamma']):+.3f}{_fmt_ci(h.get('dgamma_ci'))}\n"
+        ci = h.get("dgamma_ci")
+        ci_text = f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci and None not in ci else ""
+        ax.set_title(f"L{layer} H{head}  Δγ = {_num(h['dgamma']):+.3f}{ci_text}\n"
                      f"γ {_num(h.get('gamma_base')):.2f} → {_num(h.get('gamma_merged')):.2f}",
                      fontsize=9.5)
         ax.set_xlabel("distance d (tokens)", fontsize=9)

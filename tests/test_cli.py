@@ -127,3 +127,22 @@ def test_console_script_is_installed(tiny_dir, tmp_path):
     exe = Path(sys.executable).parent / "attnprof"
     res = subprocess.run([str(exe), "profile", str(tmp_path / "missing")], capture_output=True, text=True)
     assert res.returncode == 2 and res.stderr.startswith("attnprof: error:")
+
+
+def test_cached_hub_id_offline(tiny_dir, tmp_path):
+    """A hub id resolves from the local HF cache without network; an uncached id is refused by name."""
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--acme--tiny-llama" / "snapshots" / "0123abcd"
+    shutil.copytree(tiny_dir, snapshot)
+    (cache / "models--acme--tiny-llama" / "refs").mkdir(parents=True)
+    (cache / "models--acme--tiny-llama" / "refs" / "main").write_text("0123abcd")
+    env = {**__import__("os").environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    exe = Path(sys.executable).parent / "attnprof"
+    ok = subprocess.run([str(exe), "profile", "acme/tiny-llama", "--out", str(tmp_path / "r"), *FAST],
+                        capture_output=True, text=True, env=env)
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads((tmp_path / "r/profile.json").read_text())["model"]["name"] == "tiny-llama"
+    missing = subprocess.run([str(exe), "profile", "acme/not-cached", *FAST], capture_output=True,
+                             text=True, env=env)
+    assert missing.returncode == 2
+    assert "acme/not-cached" in missing.stderr and "not in the local Hugging Face cache" in missing.stderr
