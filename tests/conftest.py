@@ -35,6 +35,16 @@ def tiny_model(kind: str = "llama", seed: int = 0, attn_implementation: str = "s
     return model.eval()
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread: on a shared 2-core machine, 2 OpenMP threads stall whenever another
+    process holds a core, which makes small linear algebra tens of times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def demo_dir() -> Path:
     """The real SmolLM2-135M-Instruct, converted once from the bundled GGUF."""

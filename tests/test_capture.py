@@ -86,8 +86,9 @@ def test_memory_is_bounded_per_head_block():
     k = torch.randn(1, 8, length, 16)
     stats = cap.tail_stats(q, k, 0.25, None, window)
     assert stats.A.shape == (1, heads, length - window + 1)
-    block = cap.HEAD_BLOCK_BYTES // (window * length * 4)
-    assert block < heads                                      # several blocks were needed
+    groups = heads // 8
+    kv_per_block = cap.HEAD_BLOCK_BYTES // (groups * window * length * 4)
+    assert kv_per_block * groups < heads                      # several blocks were needed
     full = torch.softmax((q[:, :, -window:] @ k.repeat_interleave(8, 1).transpose(-1, -2) * 0.25)
                          .masked_fill(torch.ones(window, length, dtype=torch.bool)
                                       .tril(length - window).logical_not(), float("-inf")), -1)

@@ -22,13 +22,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread here: on a shared 2-core machine, 2 OpenMP threads stall whenever another
-    process holds a core, which makes small linear algebra tens of times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_torch_thread):
     yield
-    torch.set_num_threads(before)
 
 
 def _gen(seed: int) -> torch.Generator:
