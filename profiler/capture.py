@@ -162,8 +162,10 @@ class Recorder:
         idx = self.layer_index(module)
         stats = tail_stats(query, key, scaling, mask, self.window)
         if self.estimator == "dense":
-            from .dense import dense_profile
-            stats.A = dense_profile(query, key, scaling, sliding_window=sliding_window)
+            from .dense import dense_counts, dense_profile
+            dense = dense_profile(query, key, scaling, sliding_window=sliding_window)
+            unseen = dense_counts(query.shape[2], sliding_window).to(dense.device) == 0
+            stats.A = dense.masked_fill(unseen, 0.0)    # beyond a sliding window: no attention
         _store(self, idx, stats)
 
 

@@ -93,3 +93,27 @@ def test_memory_is_bounded_per_head_block():
                          .masked_fill(torch.ones(window, length, dtype=torch.bool)
                                       .tril(length - window).logical_not(), float("-inf")), -1)
     assert torch.allclose(stats.sink[0], full[0, :, :, 0].mean(-1), atol=1e-6)
+
+
+@pytest.mark.parametrize("kind,extra", [("llama", {}), ("mistral", {"sliding_window": 24})])
+def test_dense_capture_equals_eager_weights(kind, extra):
+    """Dense estimator through the model: D(d) = mean_{i>=d} n_i·P[i, i-d], from eager maps."""
+    model = tiny_model(kind, num_key_value_heads=2, **extra)
+    ids = np.random.default_rng(3).integers(0, 300, size=(1, 64))
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        att = model(input_ids=torch.as_tensor(ids), output_attentions=True).attentions
+    length = ids.shape[1]
+    expected = np.zeros((len(att), att[0].shape[1], length))
+    for l, a in enumerate(att):
+        p = a[0].double().numpy()
+        visible = (p > 0).sum(-1)                       # n_i per head and row
+        for d in range(length):
+            rows = np.arange(d, length)                 # every query that has a key d back
+            expected[l, :, d] = (p[:, rows, rows - d] * visible[:, rows]).mean(-1)
+    cap.register()
+    model.set_attn_implementation(cap.ATTN_NAME)
+    dense = cap.capture(model, ids, window=8, estimator="dense").A[0]
+    window = extra.get("sliding_window", length)
+    assert np.abs(dense[..., :window] - expected[..., :window]).max() <= 1e-4
+    assert np.all(dense[..., window:] == 0.0)
