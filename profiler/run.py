@@ -366,8 +366,8 @@ def write_run(out: Any, *, command: str, profile: Profile | None = None,
         files = {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         write_json(tmp / "run.json", {"kind": kind, "command": command, "versions": versions(),
                                       "files": files, "seed": seed})
+        from .report import render_report, summary_markdown
+        (tmp / "summary.md").write_text(summary_markdown(tmp), encoding="utf-8")   # for CI logs
         if render:
-            from .report import render_report, summary_markdown
-            (tmp / "summary.md").write_text(summary_markdown(tmp), encoding="utf-8")
             render_report(tmp)
     return out

@@ -41,6 +41,7 @@ def test_base_vs_exact_copy_is_exactly_zero(tiny_dir, tmp_path, capsys):
     assert data["model_dgamma"] == 0.0 and data["shifted_heads"] == 0 and data["regime_flips"] == 0
     assert (out / "base/profile.json").is_file() and (out / "merged/curves.npz").is_file()
     assert load_diff(out).verdict == "pass"
+    assert "PASS" in (out / "summary.md").read_text()          # written even with --no-report
 
 
 def test_sharpened_model_fails_the_gate(tiny_dir, tmp_path, capsys):
