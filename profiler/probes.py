@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib
 import json
-import pydoc
 import re
+import subprocess
+import sys
 import sysconfig
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,21 +80,49 @@ def _drop_sections(doc: str, names: tuple[str, ...] = MACHINE_SPECIFIC_SECTIONS)
     return "\n".join(kept)
 
 
-@functools.lru_cache(maxsize=4)
+_RENDER_DOCS = """
+import importlib, pydoc, sys, warnings
+warnings.simplefilter("ignore")
+out = []
+for name in sys.argv[1:]:
+    try:
+        out.append(pydoc.render_doc(importlib.import_module(name), renderer=pydoc.plaintext))
+    except Exception:
+        pass
+sys.stdout.write("\\f".join(out))
+"""
+
+
+def _render_stdlib_docs() -> str:
+    """pydoc text of STDLIB_DOC_MODULES, rendered in a fresh isolated interpreter.
+
+    pydoc shows live default values (logging.shutdown's list of handlers, patched functions),
+    so rendering inside a process that has imported torch or pytest would give other text:
+    a clean `python -I` makes the corpus the same from the CLI, a notebook or a test."""
+    done = subprocess.run([sys.executable, "-I", "-c", _RENDER_DOCS, *STDLIB_DOC_MODULES],
+                          capture_output=True, text=True, encoding="utf-8", check=True)
+    parts = [_drop_sections(doc) for doc in done.stdout.split("\f")]
+    # object reprs carry memory addresses ("<object at 0x7f...>") and some defaults carry this
+    # interpreter's path (platform.architecture(executable='/…/python')): mask both
+    text = re.sub(r" at 0x[0-9a-fA-F]+", " at 0x…", "\n\n".join(parts))
+    return re.sub(r"(['\"])/[^'\"\s]*\1", r"\1/…\1", text)
+
+
+@functools.lru_cache(maxsize=1)
 def stdlib_docs() -> str:
-    """Plain-text pydoc of the fixed standard-library module list, concatenated."""
-    parts = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for name in STDLIB_DOC_MODULES:
-            try:
-                doc = pydoc.render_doc(importlib.import_module(name), renderer=pydoc.plaintext)
-            except Exception:
-                continue
-            parts.append(_drop_sections(doc))
-    # object reprs carry memory addresses ("<object at 0x7f...>"): mask them so the corpus is
-    # the same in every process
-    return re.sub(r" at 0x[0-9a-fA-F]+", " at 0x…", "\n\n".join(parts))
+    """The text:stdlib corpus, rendered once per Python version and cached on disk."""
+    from .demo_model import cache_root
+    key = hashlib.sha256(("\n".join(STDLIB_DOC_MODULES) + _RENDER_DOCS).encode()).hexdigest()[:12]
+    path = cache_root() / "corpus" / f"stdlib-docs-py{sys.version_info[0]}.{sys.version_info[1]}-{key}.txt"
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    text = _render_stdlib_docs()
+    try:
+        from .io import atomic_write_text
+        atomic_write_text(path, text)
+    except OSError:
+        pass                                   # an unwritable cache only costs a re-render
+    return text
 
 
 @functools.lru_cache(maxsize=4)
