@@ -484,9 +484,9 @@ def _numeric_pattern(rd: _Reader, key: str, integer: bool) -> dict[str, Any]:
 
 # --- scale ----------------------------------------------------------------------------------
 
-def _pattern_value(pattern: Mapping[str, Any], module_name: str, default: Any) -> Any:
+def pattern_value(pattern: Mapping[str, Any] | None, module_name: str, default: Any) -> Any:
     """PEFT's rank/alpha pattern lookup: the first key matching the end of the module name."""
-    for key, value in pattern.items():
+    for key, value in (pattern or {}).items():
         regex = _compile(rf"(.*\.)?({key})$")
         if regex is not None and regex.match(module_name):
             return value
@@ -497,8 +497,8 @@ def _module_rank_alpha(spec: AdapterSpec, module_name: str | None) -> tuple[int 
     """(r, alpha) for one module after rank_pattern / alpha_pattern; defaults without a name."""
     if module_name is None:
         return spec.r, spec.alpha
-    return (_pattern_value(spec.rank_pattern, module_name, spec.r),
-            _pattern_value(spec.alpha_pattern, module_name, spec.alpha))
+    return (pattern_value(spec.rank_pattern, module_name, spec.r),
+            pattern_value(spec.alpha_pattern, module_name, spec.alpha))
 
 
 def _scale(spec: AdapterSpec, module_name: str | None = None) -> float | None:

@@ -16,7 +16,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from .errors import AttnprofError
+from .errors import AttnprofError, first_line
 from .rules import GateThresholds
 
 EXIT_OK, EXIT_REGRESSION, EXIT_ERROR = 0, 1, 2
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a bug or an unforeseen library failure: still one line, still exit 2
         if os.environ.get("ATTNPROF_DEBUG"):
             raise
-        print(f"attnprof: error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+        print(f"attnprof: error: {type(exc).__name__}: {first_line(exc)} "
               "(set ATTNPROF_DEBUG=1 for the traceback)", file=sys.stderr)
         return EXIT_ERROR
 

@@ -13,17 +13,12 @@ from typing import Any
 
 import torch
 
-from .errors import AttnprofError
+from .errors import AttnprofError, first_line
 from .sources import ModelSource, resolve_source
 
 CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 DTYPES = {"auto": None, "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-
-
-def _first_line(exc: BaseException) -> str:
-    """The first line of an exception's message (its class name when it has none)."""
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 @dataclass
@@ -112,7 +107,7 @@ def check_safetensors(directory: Path) -> None:
             if 8 + header_len + end > size:
                 raise ValueError("file is truncated")
         except Exception as exc:
-            reason = _first_line(exc)
+            reason = first_line(exc)
             raise AttnprofError(f"{f}: unreadable or corrupt safetensors ({reason})") from None
 
 
@@ -126,7 +121,7 @@ def load_config(source: ModelSource):
         else:
             config = AutoConfig.from_pretrained(source.path)
     except Exception as exc:
-        reason = _first_line(exc)
+        reason = first_line(exc)
         raise AttnprofError(f"{source.spec}: cannot read the model config ({reason})") from None
     archs = getattr(config, "architectures", None) or []
     if archs and not any(a.endswith(CAUSAL_SUFFIXES) for a in archs):
@@ -173,7 +168,7 @@ def load_tokenizer(source: ModelSource):
             return AutoTokenizer.from_pretrained(source.path.parent, gguf_file=source.path.name)
         return AutoTokenizer.from_pretrained(source.path)
     except Exception as exc:
-        reason = _first_line(exc)
+        reason = first_line(exc)
         raise AttnprofError(f"{source.spec}: cannot load its tokenizer ({reason})") from None
 
 
@@ -208,7 +203,7 @@ def load_model(spec: str | ModelSource, *, attn_implementation: str, device: str
     except AttnprofError:
         raise
     except Exception as exc:
-        reason = _first_line(exc)
+        reason = first_line(exc)
         raise AttnprofError(f"{source.spec}: cannot load the model ({reason})") from None
     if quant is None and not device_map:
         model = model.to(device)
@@ -227,7 +222,7 @@ def merge_adapter(base: str | ModelSource, adapter: ModelSource, *, attn_impleme
     try:
         merged = PeftModel.from_pretrained(loaded.model, str(adapter.path)).merge_and_unload()
     except Exception as exc:
-        reason = _first_line(exc)
+        reason = first_line(exc)
         raise AttnprofError(f"{adapter.spec}: adapter does not apply to base {loaded.source.spec} "
                             f"({reason})") from None
     info = loaded.info

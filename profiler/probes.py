@@ -210,13 +210,16 @@ def build_probes(suite: str, tokenizer, length: int, num: int, seed: int) -> Pro
     sources = split_suite(suite)
     rng = np.random.default_rng(seed)
     corpora: dict[str, np.ndarray] = {}
+    vocabulary: np.ndarray | None = None          # allowed_ids, computed once if needed
     rows, used = [], []
     for n in range(num):
         source = sources[n % len(sources)]
+        if source in ("random", "repeat") and vocabulary is None:
+            vocabulary = allowed_ids(tokenizer)
         if source == "random":
-            rows.append(rng.choice(allowed_ids(tokenizer), size=length))
+            rows.append(rng.choice(vocabulary, size=length))
         elif source == "repeat":
-            block = rng.choice(allowed_ids(tokenizer), size=min(REPEAT_BLOCK, length // 2))
+            block = rng.choice(vocabulary, size=min(REPEAT_BLOCK, length // 2))
             rows.append(np.resize(block, length))
         else:
             if source not in corpora:

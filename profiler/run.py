@@ -205,9 +205,9 @@ def _config_info(source) -> Any:
     return model_info(load_config(source), source.name, source.spec)
 
 
-def check_same_architecture(base_source, merged_source) -> None:
-    """Refuse, before any weight is loaded, to compare models of different shapes."""
-    b, m = _config_info(base_source), _config_info(merged_source)
+def check_same_architecture(b, merged_source) -> None:
+    """Refuse, before any weight is loaded, to compare models of different shapes (b: base ModelInfo)."""
+    m = _config_info(merged_source)
     if b.architecture != m.architecture:
         raise AttnprofError(f"base and merged have different architectures ({b.architecture} vs {m.architecture})")
     for key, what in (("num_layers", "layer counts"), ("num_heads", "head counts"),
@@ -248,17 +248,18 @@ def compare(base: str, merged: str, options: ProfileOptions | None = None,
     if base_source.kind == "adapter":
         raise AttnprofError(f"{base}: BASE must be a model, not an adapter")
     is_adapter = merged_source.kind == "adapter"
+    base_info = _config_info(base_source)
     if is_adapter:
         check_adapter_fits(merged_source, base_source)
     else:
-        check_same_architecture(base_source, merged_source)
+        check_same_architecture(base_info, merged_source)
 
     # probes come from the base tokenizer; both tokenizers must agree on them before any capture
     base_tokenizer = load_tokenizer(base_source)
     has_own_tokenizer = not is_adapter or any(merged_source.path.glob("tokenizer*.json"))
     merged_tokenizer = load_tokenizer(merged_source) if has_own_tokenizer else base_tokenizer
     if base_profile is None:
-        probes = make_probes(base_tokenizer, options, _config_info(base_source).max_positions)
+        probes = make_probes(base_tokenizer, options, base_info.max_positions)
     else:
         probes = ProbeSet(base_profile.probes["suite"], base_profile.probes["length"],
                           base_profile.probes["num"], base_profile.probes["seed"], base_profile.input_ids,

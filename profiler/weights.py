@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from . import spectra
+from .adapter import pattern_value
 from .errors import AttnprofError
 from .results import Result
 from .rules import (LOW_RANK_MAX_FRACTION, MERGE_REL_ERROR_MIN, MERGE_RESIDUAL_NOISE_MAX,
@@ -295,14 +296,6 @@ class _AdapterEntry:
     embedding: bool
 
 
-def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
-    """PEFT's rank_pattern / alpha_pattern lookup: a key matches a module name suffix (regex)."""
-    for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
-
-
 class _Adapter:
     """A PEFT LoRA adapter directory: its config and lazily loaded factors per module."""
 
@@ -371,8 +364,8 @@ class _Adapter:
             raise AttnprofError(f"{self.file}: LoRA factors of {entry.module} do not chain "
                                 f"(A {tuple(a.shape)}, B {tuple(b.shape)})")
         rank = int(a.shape[0])
-        alpha = float(_pattern_value(self.config.get("alpha_pattern"), entry.module,
-                                     self.config.get("lora_alpha", rank)))
+        alpha = float(pattern_value(self.config.get("alpha_pattern"), entry.module,
+                                    self.config.get("lora_alpha", rank)))
         scale = spectra.lora_scale(alpha, rank, self.use_rslora)
         if entry.embedding or self.fan_in_fan_out:      # ΔW_stored = (B A)ᵀ = Aᵀ Bᵀ
             a, b = b.T.contiguous(), a.T.contiguous()
