@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 TORCH  ?= torch==2.13.0
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test test-gpu bench bench-gpu clean
 
 venv: $(VENV)/.installed
 
@@ -30,6 +30,18 @@ test: venv
 
 bench: venv
 	$(PY) benchmarks/bench_capture.py
+
+# On a CUDA machine: the GPU tests (skipped elsewhere) and the GPU benchmarks, random weights at
+# SmolLM2's shape so that T reaches 32K. Results land in reports/bench-gpu/.
+test-gpu: venv
+	$(PY) -m pytest -q -rs tests/test_gpu.py tests/test_dense.py
+
+bench-gpu: venv
+	mkdir -p reports/bench-gpu
+	$(PY) benchmarks/bench_dense.py 2048 8192 32768 | tee reports/bench-gpu/dense.txt
+	$(PY) benchmarks/bench_capture.py --device cuda --model benchmarks/configs/smollm2-135m-32k.json \
+	  --lengths 2048 8192 32768 --num 8 --methods plain,tail,dense,hooks,paired \
+	  --json reports/bench-gpu/capture.json | tee reports/bench-gpu/capture.txt
 
 clean:
 	rm -rf $(VENV) build *.egg-info

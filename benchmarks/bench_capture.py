@@ -10,7 +10,8 @@ Methods, each in its own child process (so peak memory is its own, under a memor
 All forward passes compute logits for the last position only (logits_to_keep=1), the same for all.
 Times exclude model loading; peak memory is the process's high-water RSS (or CUDA peak) during
 the timed part. TAF is also reported as the projected time to reach the tail estimator's
-model-level gamma CI half-width (half-width ∝ 1/√prompts, from its own measured CI).
+model-level gamma CI half-width (half-width ∝ 1/√prompts, from its own measured CI); for that
+comparison measured rather than projected, run benchmarks/bench_taf.py.
 
     python benchmarks/bench_capture.py --lengths 512 2048 --num 8
 """
@@ -46,7 +47,7 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def child(method: str, length: int, num: int, device: str) -> dict:
+def child(method: str, length: int, num: int, device: str, model_spec: str) -> dict:
     import numpy as np
     import torch
 
@@ -57,11 +58,23 @@ def child(method: str, length: int, num: int, device: str) -> dict:
 
     cap.register()
     impl = {"hooks": "eager"}.get(method, cap.ATTN_NAME if method != "plain" else "sdpa")
-    loaded = load_model("smollm2-135m", attn_implementation=impl, device=device, dtype="auto")
-    model, cuda = loaded.model, device.startswith("cuda")
-    probes = build_probes("text:stdlib", loaded.tokenizer, length, num, seed=0)
+    cuda = device.startswith("cuda")
+    if model_spec.endswith(".json"):
+        # random weights at a real model's shape: timing and memory need no trained weights,
+        # and nothing has to be downloaded or carried to a GPU machine
+        from transformers import AutoConfig, AutoModelForCausalLM
+        config = AutoConfig.from_pretrained(model_spec)
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=impl,
+                                                 dtype=torch.bfloat16 if cuda else torch.float32)
+        model = model.to(device).eval()
+        input_ids = np.random.default_rng(0).integers(0, config.vocab_size, size=(num, length))
+    else:
+        loaded = load_model(model_spec, attn_implementation=impl, device=device, dtype="auto")
+        model = loaded.model
+        input_ids = build_probes("text:stdlib", loaded.tokenizer, length, num, seed=0).input_ids
     window = cap.default_window(length)
-    warm = torch.as_tensor(probes.input_ids[:1, :64], device=model.device)
+    warm = torch.as_tensor(input_ids[:1, :64], device=model.device)
     with torch.inference_mode():
         model(input_ids=warm, use_cache=False, logits_to_keep=1)
     if cuda:
@@ -71,15 +84,15 @@ def child(method: str, length: int, num: int, device: str) -> dict:
     result: dict = {"method": method, "length": length, "num": num}
     t0 = time.perf_counter()
     if method == "plain":
-        for row in probes.input_ids:
+        for row in input_ids:
             with torch.inference_mode():
                 model(input_ids=torch.as_tensor(row[None], device=model.device), use_cache=False,
                       logits_to_keep=1)
     elif method in ("tail", "dense"):
-        curves = cap.capture(model, probes.input_ids, window=window, estimator=method)
+        curves = cap.capture(model, input_ids, window=window, estimator=method)
     elif method == "hooks":
         rows = []
-        for row in probes.input_ids:
+        for row in input_ids:
             with torch.inference_mode():
                 att = model(input_ids=torch.as_tensor(row[None], device=model.device), use_cache=False,
                             logits_to_keep=1, output_attentions=True).attentions
@@ -88,12 +101,12 @@ def child(method: str, length: int, num: int, device: str) -> dict:
                                          for a in att]))
             del att
     elif method == "taf":
-        curves = cap.capture_taf(model, probes.input_ids)
+        curves = cap.capture_taf(model, input_ids)
     elif method == "paired":
         # plain and tail forwards interleaved probe by probe in one process, so machine drift
         # hits both alike: with no recorder active the attnprof attention is exactly SDPA
         plain = tail = 0.0
-        for n, row in enumerate(probes.input_ids):
+        for n, row in enumerate(input_ids):
             ids = torch.as_tensor(row[None], device=model.device)
             for kind in (("plain", "tail") if n % 2 == 0 else ("tail", "plain")):
                 t = time.perf_counter()
@@ -120,16 +133,16 @@ def child(method: str, length: int, num: int, device: str) -> dict:
         else:
             from profiler.rules import FIT_SINK_MARGIN
             setup = FitSetup.make(length - window - FIT_SINK_MARGIN, num, 0)
-        prof = build_profile(curves, probes.input_ids, meta, {"length": length}, setup)
+        prof = build_profile(curves, input_ids, meta, {"length": length}, setup)
         lo, hi = prof.model_level.gamma_ci
         result.update(gamma=prof.model_level.gamma, ci_half_width=(hi - lo) / 2)
     return result
 
 
-def run_child(method: str, length: int, num: int, device: str, budget_gb: float) -> dict:
+def run_child(method: str, length: int, num: int, device: str, budget_gb: float, model_spec: str) -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     cmd = [sys.executable, __file__, "--child", method, "--length", str(length), "--num", str(num),
-           "--device", device]
+           "--device", device, "--model", model_spec]
 
     def limit():
         if device == "cpu":
@@ -152,20 +165,24 @@ def main() -> None:
     ap.add_argument("--num", type=int, default=8, help="probes at the first length (fewer at longer ones)")
     ap.add_argument("--methods", default="plain,tail,dense,hooks,taf,paired")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--model", default="smollm2-135m",
+                    help="a model attnprof can load, or a config .json for random weights at that shape "
+                         "(benchmarks/configs/)")
     ap.add_argument("--budget-gb", type=float, default=16.0, help="address-space budget per child (CPU)")
     ap.add_argument("--json", default=None, help="also write all results to this file")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--length", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.length, args.num, args.device)), flush=True)
+        print(json.dumps(child(args.child, args.length, args.num, args.device, args.model)), flush=True)
         return
     methods = args.methods.split(",")
     results = []
-    print(f"device {args.device}, {os.cpu_count()} CPUs, budget {args.budget_gb:g} GiB per method", flush=True)
+    print(f"model {args.model}, device {args.device}, {os.cpu_count()} CPUs, budget {args.budget_gb:g} GiB "
+          "per method", flush=True)
     for length in args.lengths:
         num = max(1, args.num * args.lengths[0] // length) if length > args.lengths[0] else args.num
-        rows = {m: run_child(m, length, num, args.device, args.budget_gb) for m in methods}
+        rows = {m: run_child(m, length, num, args.device, args.budget_gb, args.model) for m in methods}
         results.extend(rows.values())
         base = rows.get("plain", {}).get("seconds")
         print(f"\nT = {length}, {num} probe(s)")

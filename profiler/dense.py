@@ -22,6 +22,7 @@ Three entry points, all returning a float32 (B, H, T) tensor:
 - `dense_profile`: picks one of them.
 Padding masks are not modelled: every position 0 … T−1 is a real token.
 """
+import contextlib
 import dataclasses
 import functools
 import math
@@ -332,12 +333,16 @@ def dense_profile_triton(query: torch.Tensor, key: torch.Tensor, scaling: float 
     row_max, row_sum = torch.empty(2, batch * heads * length, dtype=torch.float32,
                                    device=query.device)
     sums = torch.zeros(batch, heads, length, dtype=torch.float32, device=query.device)
-    grid = (triton.cdiv(length, blocks.stats_m), batch * heads)
-    kernels["row_stats"][grid](query, key, row_max, row_sum, **runtime, **stats_consts, **options)
-    grid = (triton.cdiv(window, blocks.dists) + 1, triton.cdiv(length, blocks.rows_per_program),
-            batch * heads)
-    kernels["distance_bins"][grid](query, key, row_max, row_sum, sums,
-                                   **runtime, **bins_consts, **options)
+    # Triton launches on the current CUDA device, not the tensors' one: with --device-map a
+    # layer's tensors may live on cuda:1 while cuda:0 is current, so make their device current.
+    on_device = torch.cuda.device(query.device) if query.is_cuda else contextlib.nullcontext()
+    with on_device:
+        grid = (triton.cdiv(length, blocks.stats_m), batch * heads)
+        kernels["row_stats"][grid](query, key, row_max, row_sum, **runtime, **stats_consts, **options)
+        grid = (triton.cdiv(window, blocks.dists) + 1, triton.cdiv(length, blocks.rows_per_program),
+                batch * heads)
+        kernels["distance_bins"][grid](query, key, row_max, row_sum, sums,
+                                       **runtime, **bins_consts, **options)
     return _finish(sums, window)
 
 

@@ -1,0 +1,104 @@
+"""GPU paths, run only where CUDA is present (CI has none; a GPU machine runs `make test-gpu`).
+
+- the Triton kernels on hardware against the chunked torch reference (fp32, fp16, bf16; MHA,
+  GQA, sliding window; lengths past one tile and up to 8K);
+- a whole capture on the GPU (tail and dense) against the same model's capture on the CPU, whose
+  paths are checked against eager attention weights in test_capture.py;
+- a model split across devices (`device_map`): layers on different devices give the same
+  statistics as the model on one device, with the kernels launched on each layer's own GPU;
+- bitsandbytes NF4 on CUDA: the layers are 4-bit with bf16 compute and the capture is finite.
+"""
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+
+from profiler import capture as cap
+from profiler.dense import dense_profile_reference, dense_profile_triton
+from conftest import save_tiny, tiny_model
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def random_qk(heads: int, kv_heads: int, length: int, dim: int, dtype: torch.dtype,
+              seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits with std ≈ 3 (far from uniform attention), made on the CPU for reproducibility."""
+    gen = torch.Generator().manual_seed(seed)
+    query = torch.randn(1, heads, length, dim, generator=gen) * 3.0
+    key = torch.randn(1, kv_heads, length, dim, generator=gen)
+    return query.to("cuda", dtype), key.to("cuda", dtype)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("heads,kv_heads,length,dim,window", [
+    (4, 4, 300, 64, None),        # MHA, T not a multiple of any tile
+    (9, 3, 2048, 64, None),       # SmolLM2's shape
+    (8, 2, 1000, 128, 257),       # GQA, head dim 128, sliding window
+    (9, 3, 8192, 64, None),       # long: several programs per distance block
+])
+def test_triton_kernel_matches_reference_on_gpu(dtype, heads, kv_heads, length, dim, window):
+    query, key = random_qk(heads, kv_heads, length, dim, dtype)
+    got = dense_profile_triton(query, key, dim ** -0.5, window)
+    want = dense_profile_reference(query, key, dim ** -0.5, window)
+    assert got.dtype == torch.float32 and got.shape == (1, heads, length)
+    assert torch.equal(got.isnan(), want.isnan())
+    seen = ~want.isnan()
+    # both sum the same exact products in fp32; they differ in summation order and exp2 rounding
+    torch.testing.assert_close(got[seen], want[seen], rtol=2e-4, atol=1e-5)
+
+
+def capture_on(model: torch.nn.Module, ids: np.ndarray, estimator: str) -> cap.Capture:
+    cap.register()
+    model.set_attn_implementation(cap.ATTN_NAME)
+    return cap.capture(model, ids, window=16, estimator=estimator)
+
+
+@pytest.mark.parametrize("estimator", ["tail", "dense"])
+def test_capture_on_gpu_equals_capture_on_cpu(estimator):
+    ids = np.random.default_rng(5).integers(0, 300, size=(2, 160))
+    model = tiny_model("llama", num_key_value_heads=2)
+    on_cpu = capture_on(model, ids, estimator)
+    on_gpu = capture_on(model.to("cuda"), ids, estimator)
+    for field in ("A", "sink", "local", "entropy"):
+        np.testing.assert_allclose(getattr(on_gpu, field), getattr(on_cpu, field), rtol=1e-4, atol=1e-5,
+                                   err_msg=field)
+
+
+@pytest.mark.parametrize("estimator", ["tail", "dense"])
+def test_model_split_across_devices(tmp_path, estimator):
+    """Layer 0 on cuda:0; layer 1 on cuda:1 when there is one, else on the CPU."""
+    from profiler.load import load_model
+    path = save_tiny(tmp_path / "tiny", num_key_value_heads=2)
+    second = 1 if torch.cuda.device_count() > 1 else "cpu"
+    device_map = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0,
+                  "model.layers.1": second, "model.norm": second, "lm_head": second}
+    cap.register()
+    split = load_model(str(path), attn_implementation=cap.ATTN_NAME, device="cuda", dtype="float32",
+                       device_map=device_map).model
+    assert {p.device.type for p in split.model.layers[0].parameters()} == {"cuda"}
+    whole = load_model(str(path), attn_implementation=cap.ATTN_NAME, device="cpu", dtype="float32").model
+    ids = np.random.default_rng(6).integers(0, 300, size=(2, 128))
+    got = cap.capture(split, ids, window=16, estimator=estimator)
+    want = cap.capture(whole, ids, window=16, estimator=estimator)
+    np.testing.assert_allclose(got.A, want.A, rtol=1e-4, atol=1e-5)
+
+
+def test_4bit_nf4_on_cuda(tmp_path):
+    """QLoRA's recipe on hardware: NF4 weights, double quantisation, bf16 compute."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from profiler.load import load_model
+    path = save_tiny(tmp_path / "tiny", num_key_value_heads=2)
+    cap.register()
+    loaded = load_model(str(path), attn_implementation=cap.ATTN_NAME, device="cuda", load_in_4bit=True)
+    layers = [m for m in loaded.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and all(m.weight.quant_state.quant_type == "nf4" for m in layers)
+    assert all(m.compute_dtype == torch.bfloat16 for m in layers)
+    assert loaded.info.quantization == "nf4"
+    ids = np.random.default_rng(7).integers(0, 300, size=(2, 128))
+    curves = cap.capture(loaded.model, ids, window=16)
+    assert np.isfinite(curves.A).all() and curves.A.shape[:3] == (2, 2, 4)
