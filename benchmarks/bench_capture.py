@@ -111,12 +111,15 @@ def child(method: str, length: int, num: int, device: str, model_spec: str) -> d
             for kind in (("plain", "tail") if n % 2 == 0 else ("tail", "plain")):
                 t = time.perf_counter()
                 if kind == "tail":
-                    with cap.recording(cap.Recorder("tail", window)), torch.inference_mode():
+                    with cap.recording(cap.Recorder("tail", window)) as rec, torch.inference_mode():
                         model(input_ids=ids, use_cache=False, logits_to_keep=1)
+                    rec.finish()                    # statistics to the host, as capture() does
                     tail += time.perf_counter() - t
                 else:
                     with torch.inference_mode():
                         model(input_ids=ids, use_cache=False, logits_to_keep=1)
+                    if cuda:
+                        torch.cuda.synchronize()
                     plain += time.perf_counter() - t
         result.update(plain_seconds=plain, tail_seconds=tail, ratio=tail / plain)
     if cuda:

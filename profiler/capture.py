@@ -166,7 +166,24 @@ class Recorder:
             dense = dense_profile(query, key, scaling, sliding_window=sliding_window)
             unseen = dense_counts(query.shape[2], sliding_window).to(dense.device) == 0
             stats.A = dense.masked_fill(unseen, 0.0)    # beyond a sliding window: no attention
-        _store(self, idx, stats)
+        self.store(idx, stats)
+
+    def store(self, idx: int, stats: LayerStats) -> None:
+        """Keep a layer's statistics where they were computed: a device-to-host copy here would
+        stall a GPU forward pass at every layer; `finish` moves them all once the pass is done."""
+        self.layers[idx] = LayerStats(*(t.detach().float() for t in
+                                        (stats.A, stats.sink, stats.local, stats.entropy)))
+
+    def finish(self) -> "Recorder":
+        """After the forward pass: refuse NaN/inf (lowest layer first, where it started) and move
+        every layer's statistics to the CPU."""
+        for idx in sorted(self.layers):
+            stats = self.layers[idx]
+            if not torch.isfinite(stats.A).all():
+                raise AttnprofError(f"NaN or inf in the attention of layer {idx}: the model's weights or "
+                                    "inputs are broken (try --dtype float32)")
+            self.layers[idx] = LayerStats(*(t.cpu() for t in (stats.A, stats.sink, stats.local, stats.entropy)))
+        return self
 
 
 _ACTIVE: list[Recorder] = []
@@ -207,14 +224,6 @@ def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for n, m in found if not any(o != n and n.startswith(o + ".") for o, _ in found)]
 
 
-def _store(recorder: Recorder, idx: int, stats: LayerStats) -> None:
-    if not torch.isfinite(stats.A).all():
-        raise AttnprofError(f"NaN or inf in the attention of layer {idx}: the model's weights or "
-                            "inputs are broken (try --dtype float32)")
-    recorder.layers[idx] = LayerStats(*(t.detach().float().cpu() for t in
-                                        (stats.A, stats.sink, stats.local, stats.entropy)))
-
-
 @contextlib.contextmanager
 def eager_hooks(model: torch.nn.Module, recorder: Recorder) -> Iterator[Recorder]:
     """Fallback: forward hooks on eager attention modules reduce the weights they return."""
@@ -226,7 +235,7 @@ def eager_hooks(model: torch.nn.Module, recorder: Recorder) -> Iterator[Recorder
         length, window = weights.shape[-1], recorder.window
         visible = _visible_tail(kwargs.get("attention_mask"), length, window, weights.device)
         probs = weights[:, :, length - window:, :].float()
-        _store(recorder, recorder.layer_index(module), reduce_tail(probs, visible.sum(dim=-1)))
+        recorder.store(recorder.layer_index(module), reduce_tail(probs, visible.sum(dim=-1)))
 
     handles = [m.register_forward_hook(hook, with_kwargs=True) for m in attention_modules(model)]
     if not handles:
@@ -280,7 +289,7 @@ def capture(model: torch.nn.Module, input_ids: np.ndarray, *, window: int, estim
         ctx = recording(rec) if path == "stream" else eager_hooks(model, rec)
         with ctx, torch.inference_mode():
             model(input_ids=ids, use_cache=False, logits_to_keep=1)
-        recorders.append(rec)
+        recorders.append(rec.finish())
         if progress:
             progress(1)
     arrays = _stack(recorders, num_layers)
@@ -314,7 +323,7 @@ def capture_taf(model: torch.nn.Module, input_ids: np.ndarray, *,
             ids = torch.as_tensor(row[None, : d + TAF_PREFIX], device=device)
             with recording(rec), torch.inference_mode():
                 model(input_ids=ids, use_cache=False, logits_to_keep=1)
-            stacked = _stack([rec], num_layers)
+            stacked = _stack([rec.finish()], num_layers)
             columns.append(stacked["A"][..., d])
             last = stacked
             if progress:

@@ -84,6 +84,21 @@ def test_corrupt_safetensors(tiny_dir, tmp_path, capsys, damage):
     assert "model.safetensors" in line and "corrupt" in line
 
 
+def test_nan_in_attention(tmp_path, capsys):
+    """A checkpoint whose layer-1 query weights hold a NaN: one line naming the layer, exit 2,
+    and no run directory left behind."""
+    from safetensors.torch import load_file, save_file
+    d = save_tiny(tmp_path / "nan")
+    weights = load_file(d / "model.safetensors")
+    weights["model.layers.1.self_attn.q_proj.weight"][0, 0] = float("nan")
+    save_file(weights, d / "model.safetensors", metadata={"format": "pt"})
+    capsys.readouterr()                                         # the save's progress bar
+    out = tmp_path / "run"
+    line = one_error_line(*run_cli(["profile", d, "--out", out, *FAST, "--num", "8"], capsys)[::2])
+    assert "NaN or inf in the attention of layer 1" in line
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
 def test_length_above_max_positions(tiny_dir, tmp_path, capsys):
     args = ["profile", tiny_dir, "--length", "2048", "--num", "1", "--probes", "random", "--no-report",
             "--quiet", "--out", tmp_path / "r"]
