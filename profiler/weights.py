@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from . import spectra
-from .adapter import pattern_value
+from .adapter_config import pattern_value
 from .errors import AttnprofError
 from .results import Result
 from .rules import (LOW_RANK_MAX_FRACTION, MERGE_REL_ERROR_MIN, MERGE_RESIDUAL_NOISE_MAX,
