@@ -328,6 +328,9 @@ def weight_section(base_source, merged_dir, adapter_source, quiet: bool, target_
     wd = diff_weights(base_source.path, merged_dir, adapter_dir=adapter_dir, target_modules=target_modules,
                       adapter_rank=adapter_rank, progress=not quiet)
     data = wd.to_dict()
+    if adapter_source is not None:
+        # merged into a temporary directory for the diff: name what it was, not where it was
+        data["merged"] = f"{adapter_source.spec} merged onto {base_source.spec} by peft"
     return data, list(data.pop("flags", []))
 
 

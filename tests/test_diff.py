@@ -129,6 +129,24 @@ def test_adapter_merged_with_peft(tiny_dir, tmp_path, capsys):
     assert data["adapter"]["config"]["r"] == 4 and data["adapter"]["check"]["compatible"] is True
 
 
+def test_adapter_run_with_weight_diff_is_byte_identical(tiny_dir, tmp_path, capsys):
+    """BASE vs ADAPTER merges into a temporary directory for the weight diff; diff.json must not
+    depend on where that was."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_dir),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    adapter = tmp_path / "adapter"
+    model.save_pretrained(adapter)
+    for name in ("a", "b"):
+        code = main([str(a) for a in ["profile", tiny_dir, "vs", adapter, "--out", tmp_path / name, *FAST]])
+        assert code == 0
+    first = (tmp_path / "a/diff.json").read_bytes()
+    assert first == (tmp_path / "b/diff.json").read_bytes()
+    merged = json.loads(first)["weights_summary"]["merged"]
+    assert str(adapter) in merged and "merged onto" in merged
+
+
 def test_adapter_for_another_base_is_refused(tiny_dir, tmp_path, capsys):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
