@@ -20,6 +20,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -34,7 +35,7 @@ from profiler.profiles import FitSetup  # noqa: E402
 from profiler.rules import FIT_SINK_MARGIN  # noqa: E402
 
 
-def model_level_ci(curves: cap.Capture, setup_for) -> tuple[float, float, float]:
+def model_level_ci(curves: cap.Capture, setup_for: Callable[[int], FitSetup]) -> tuple[float, float, float]:
     """Model-level gamma and its bootstrap CI, as the profile computes them (heads skipped)."""
     setup = setup_for(curves.A.shape[0])
     binned = fit.bin_profile(curves.A, setup.bins, curves.distances).mean(axis=(1, 2))   # (N, nb)
@@ -44,6 +45,7 @@ def model_level_ci(curves: cap.Capture, setup_for) -> tuple[float, float, float]
 
 
 def concat(parts: list[cap.Capture]) -> cap.Capture:
+    """One Capture from per-batch Captures (probes stacked)."""
     return cap.Capture(**{f: np.concatenate([getattr(p, f) for p in parts]) for f in ("A", "sink", "local", "entropy")},
                        distances=parts[0].distances)
 
@@ -71,7 +73,9 @@ def main() -> None:
     cap.capture(model, probes.input_ids[:1, :256], window=64)                 # warm-up
     t0 = time.perf_counter()
     tail = cap.capture(model, probes.input_ids, window=window)
-    tail_setup = lambda n: FitSetup.make(args.length - window - FIT_SINK_MARGIN, n, 0)  # noqa: E731
+    def tail_setup(num: int) -> FitSetup:
+        return FitSetup.make(args.length - window - FIT_SINK_MARGIN, num, 0)
+
     gamma, lo, hi = model_level_ci(tail, tail_setup)
     tail_seconds = time.perf_counter() - t0
     target = (hi - lo) / 2
@@ -81,8 +85,11 @@ def main() -> None:
     # fresh prompts for TAF (another seed), long enough for the whole protocol: d up to 2000
     taf_length = max(cap.TAF_DISTANCES) + cap.TAF_PREFIX
     pool = build_probes(args.probes, loaded.tokenizer, taf_length, args.max_prompts, seed=1)
-    fitted = np.array([d for d in cap.TAF_DISTANCES if cap.TAF_FIT_D_MIN <= d <= taf_length - cap.TAF_PREFIX])
-    taf_setup = lambda n: FitSetup.points(fitted, n, 0)  # noqa: E731
+    fitted = np.array([d for d in cap.TAF_DISTANCES if d >= cap.TAF_FIT_D_MIN])
+
+    def taf_setup(num: int) -> FitSetup:
+        return FitSetup.points(fitted, num, 0)
+
     taf_parts: list[cap.Capture] = []
     checkpoints, capture_seconds, reached = [], 0.0, None
     for start in range(0, args.max_prompts, args.batch):
@@ -102,18 +109,21 @@ def main() -> None:
         checkpoints.append(row)
         print(f"  TAF {n:5d} prompts: gamma {g:.3f} [{l:.3f}, {h:.3f}] ±{row['half_width']:.4f}  "
               f"{capture_seconds:7.1f} s", flush=True)
-        if row["half_width"] <= target and reached is None:
+        # a bootstrap over a handful of prompts has few distinct resamples (one prompt: a zero-width
+        # "CI"), so a crossing counts only once TAF has at least as many prompts as the tail side
+        if n >= args.num and row["half_width"] <= target:
             reached = row
             break
         if capture_seconds + fit_seconds > args.max_ratio * tail_seconds:
             break
 
-    # the 1/√n trend over all checkpoints: half-width ≈ c / √n, least squares in log space
-    ns = np.array([c["prompts"] for c in checkpoints], float)
-    hws = np.array([c["half_width"] for c in checkpoints], float)
-    c = float(np.exp(np.mean(np.log(hws) + 0.5 * np.log(ns))))
+    # the 1/√n trend over all checkpoints: half-width ≈ c / √n, c fitted in log space (slope fixed)
+    usable = [c for c in checkpoints if c["prompts"] >= args.num and c["half_width"] > 0] or checkpoints[-1:]
+    ns = np.array([c["prompts"] for c in usable], float)
+    hws = np.array([c["half_width"] for c in usable], float)
+    c = float(np.exp(np.mean(np.log(np.maximum(hws, 1e-12)) + 0.5 * np.log(ns))))
     trend_prompts = (c / target) ** 2
-    per_prompt = capture_seconds / ns[-1]
+    per_prompt = capture_seconds / checkpoints[-1]["prompts"]
     summary = {"length": args.length, "num": args.num, "tail_seconds": tail_seconds, "tail_gamma": gamma,
                "tail_ci": [lo, hi], "target_half_width": target, "taf_seconds_per_prompt": per_prompt,
                "trend_prompts": trend_prompts, "checkpoints": checkpoints}
@@ -126,9 +136,10 @@ def main() -> None:
     else:
         spent = checkpoints[-1]["capture_seconds"] + checkpoints[-1]["fit_seconds"]
         summary.update(taf_seconds=spent, ratio_above=spent / tail_seconds)
-        print(f"TAF had not reached ±{target:.4f} after {ns[-1]:.0f} prompts, {spent:.0f} s = "
+        print(f"TAF had not reached ±{target:.4f} after {checkpoints[-1]['prompts']} prompts, {spent:.0f} s = "
               f"{spent / tail_seconds:.1f}× the tail capture's {tail_seconds:.1f} s: the ratio is above that "
-              f"(its CI was still ±{hws[-1]:.4f}, {hws[-1] / target:.1f}× wider)")
+              f"(its CI was still ±{checkpoints[-1]['half_width']:.4f}, "
+              f"{checkpoints[-1]['half_width'] / target:.1f}× wider)")
     print(f"1/√n trend over {len(ns)} checkpoints: ≈{trend_prompts:.0f} prompts ≈ "
           f"{trend_prompts * per_prompt:.0f} s = {trend_prompts * per_prompt / tail_seconds:.1f}× the tail capture")
     if args.json:
