@@ -270,6 +270,20 @@ def _stack(recorders: list[Recorder], num_layers: int) -> dict[str, np.ndarray]:
     return out
 
 
+def input_device(model: torch.nn.Module) -> torch.device:
+    """Where the token ids must go: the device the input embedding runs on.
+
+    With a device map, accelerate may keep that layer's weights elsewhere (offloaded: the
+    parameter sits on the meta device) and run it on its hook's execution device."""
+    embedding = model.get_input_embeddings()
+    hook = getattr(embedding, "_hf_hook", None)
+    execution = getattr(hook, "execution_device", None)
+    if execution is not None:
+        return torch.device(execution) if not isinstance(execution, int) else torch.device("cuda", execution)
+    device = embedding.weight.device
+    return torch.device("cpu") if device.type == "meta" else device
+
+
 def capture(model: torch.nn.Module, input_ids: np.ndarray, *, window: int, estimator: str = "tail",
             path: str = "stream", progress: Callable[[int], None] | None = None) -> Capture:
     """Run every probe (one forward pass each) and return the per-probe statistics.
@@ -281,7 +295,7 @@ def capture(model: torch.nn.Module, input_ids: np.ndarray, *, window: int, estim
         raise AttnprofError(f"estimator {estimator!r} is not a streaming estimator")
     limit_heap_growth()
     num_layers = model.config.get_text_config().num_hidden_layers
-    device = next(model.parameters()).device
+    device = input_device(model)
     recorders = []
     for n in range(len(input_ids)):
         rec = Recorder(estimator, window)
@@ -314,7 +328,7 @@ def capture_taf(model: torch.nn.Module, input_ids: np.ndarray, *,
                             f"tokens (got {length})")
     limit_heap_growth()
     num_layers = model.config.get_text_config().num_hidden_layers
-    device = next(model.parameters()).device
+    device = input_device(model)
     per_probe = {f: [] for f in ("A", "sink", "local", "entropy")}
     for row in input_ids:
         columns, last = [], None

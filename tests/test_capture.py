@@ -117,3 +117,20 @@ def test_dense_capture_equals_eager_weights(kind, extra):
     window = extra.get("sliding_window", length)
     assert np.abs(dense[..., :window] - expected[..., :window]).max() <= 1e-4
     assert np.all(dense[..., window:] == 0.0)
+
+
+def test_capture_through_accelerate_offload_hooks():
+    """Layers wrapped by accelerate's hooks (weights kept off the module and brought in for each
+    forward, as with a device map that offloads) are captured exactly like the plain model."""
+    import copy
+    from accelerate import cpu_offload
+    cap.register()
+    model = tiny_model(num_key_value_heads=2, attn_implementation=cap.ATTN_NAME)
+    ids = np.random.default_rng(4).integers(0, 300, size=(2, 96))
+    want = cap.capture(model, ids, window=12)
+    hooked = cpu_offload(copy.deepcopy(model), execution_device=torch.device("cpu"))
+    assert any(hasattr(m, "_hf_hook") for m in hooked.modules())
+    assert any(p.device.type == "meta" for p in hooked.parameters())       # weights live in the hooks
+    got = cap.capture(hooked, ids, window=12)
+    for field in ("A", "sink", "local", "entropy"):
+        np.testing.assert_array_equal(getattr(got, field), getattr(want, field), err_msg=field)

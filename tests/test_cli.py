@@ -51,6 +51,15 @@ def test_same_inputs_give_byte_identical_json(tiny_dir, tmp_path, capsys):
     assert (tmp_path / "a/profile.json").read_bytes() != (tmp_path / "c/profile.json").read_bytes()
 
 
+def test_device_map_gives_the_same_profile(tiny_dir, tmp_path, capsys):
+    """`--device-map auto` hands placement to accelerate; on a CPU-only machine every layer lands on
+    the CPU and the profile must not change by a byte (hooked layers: test_capture.py)."""
+    assert run_cli(["profile", tiny_dir, "--out", tmp_path / "plain", "--device", "cpu", *FAST], capsys)[0] == 0
+    assert run_cli(["profile", tiny_dir, "--out", tmp_path / "mapped", "--device", "cpu", "--device-map", "auto",
+                    *FAST], capsys)[0] == 0
+    assert (tmp_path / "plain/profile.json").read_bytes() == (tmp_path / "mapped/profile.json").read_bytes()
+
+
 def one_error_line(code, err):
     lines = [l for l in err.strip().splitlines() if l.strip()]
     assert code == 2, err
