@@ -1,4 +1,5 @@
 # Two commands for a fresh machine: `make demo` and `make test`.
+SHELL  := /bin/bash
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -31,17 +32,27 @@ test: venv
 bench: venv
 	$(PY) benchmarks/bench_capture.py
 
-# On a CUDA machine: the GPU tests (skipped elsewhere) and the GPU benchmarks, random weights at
-# SmolLM2's shape so that T reaches 32K. Results land in reports/bench-gpu/.
-test-gpu: venv
-	$(PY) -m pytest -q -rs tests/test_gpu.py tests/test_dense.py
+# On a CUDA machine: the GPU tests (skipped elsewhere) and the GPU benchmarks, with that machine's
+# own python and torch (GPU_PY; no .venv, no network needed: PYTHONPATH=. finds the package), random
+# weights at SmolLM2's shape so that T reaches 32K. Fails unless CUDA is there. Results land in
+# reports/bench-gpu/.
+GPU_PY ?= python3
+GPU_RUN = PYTHONPATH=. $(GPU_PY)
+CUDA_CHECK = $(GPU_RUN) -c "import torch, sys; sys.exit(not torch.cuda.is_available())" || \
+	{ echo "no CUDA device visible to $(GPU_PY)"; exit 1; }
 
-bench-gpu: venv
+test-gpu:
+	@$(CUDA_CHECK)
+	$(GPU_RUN) -m pytest -q -rs -p no:cacheprovider tests/test_gpu.py tests/test_dense.py
+
+bench-gpu:
+	@$(CUDA_CHECK)
 	mkdir -p reports/bench-gpu
-	$(PY) benchmarks/bench_dense.py 2048 8192 32768 | tee reports/bench-gpu/dense.txt
-	$(PY) benchmarks/bench_capture.py --device cuda --model benchmarks/configs/smollm2-135m-32k.json \
-	  --lengths 2048 8192 32768 --num 8 --methods plain,tail,dense,hooks,paired \
-	  --json reports/bench-gpu/capture.json | tee reports/bench-gpu/capture.txt
+	set -o pipefail; $(GPU_RUN) benchmarks/bench_dense.py 2048 8192 32768 | tee reports/bench-gpu/dense.txt
+	set -o pipefail; $(GPU_RUN) benchmarks/bench_capture.py --device cuda \
+	  --model benchmarks/configs/smollm2-135m-32k.json --lengths 2048 8192 32768 --num 8 \
+	  --methods plain,tail,dense,hooks,paired --json reports/bench-gpu/capture.json \
+	  | tee reports/bench-gpu/capture.txt
 
 clean:
 	rm -rf $(VENV) build *.egg-info

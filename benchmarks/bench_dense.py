@@ -6,12 +6,14 @@ the reference. Usage: python benchmarks/bench_dense.py [T ...]
 """
 import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from profiler.dense import dense_profile_reference, dense_profile_triton, triton_available
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from profiler.dense import dense_profile_reference, dense_profile_triton, triton_available  # noqa: E402
 
 
 def best_of(fn: Callable[[], object], repeat: int = 3) -> float:

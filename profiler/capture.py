@@ -164,7 +164,7 @@ class Recorder:
         if self.estimator == "dense":
             from .dense import dense_counts, dense_profile
             dense = dense_profile(query, key, scaling, sliding_window=sliding_window)
-            unseen = dense_counts(query.shape[2], sliding_window).to(dense.device) == 0
+            unseen = dense_counts(query.shape[2], sliding_window, device=dense.device) == 0   # no host copy
             stats.A = dense.masked_fill(unseen, 0.0)    # beyond a sliding window: no attention
         self.store(idx, stats)
 

@@ -182,7 +182,8 @@ def load_model(spec: str | ModelSource, *, attn_implementation: str, device: str
         if base is None:
             raise AttnprofError(f"{source.spec} is a PEFT adapter: profile it as `BASE vs {source.spec}`")
         return merge_adapter(base, source, attn_implementation=attn_implementation, device=device,
-                             dtype=dtype)
+                             dtype=dtype, load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit,
+                             device_map=device_map)
     device = resolve_device(device)
     config = load_config(source)
     if source.kind in ("dir", "demo"):
@@ -192,7 +193,10 @@ def load_model(spec: str | ModelSource, *, attn_implementation: str, device: str
     kwargs: dict[str, Any] = dict(dtype=torch_dtype, attn_implementation=attn_implementation)
     if quant is not None:
         kwargs["quantization_config"] = quant
-        kwargs["device_map"] = device_map or ("auto" if device.startswith("cuda") else device)
+        # bitsandbytes places weights at load time: on the asked GPU (not spread over all of them)
+        # unless --device-map says otherwise
+        on_gpu = f"cuda:{torch.cuda.current_device()}" if device == "cuda" else device
+        kwargs["device_map"] = device_map or ({"": on_gpu} if device.startswith("cuda") else device)
     elif device_map:
         kwargs["device_map"] = device_map
     if source.kind == "gguf":
@@ -215,10 +219,13 @@ def load_model(spec: str | ModelSource, *, attn_implementation: str, device: str
 
 
 def merge_adapter(base: str | ModelSource, adapter: ModelSource, *, attn_implementation: str,
-                  device: str = "auto", dtype: str = "auto") -> LoadedModel:
-    """Load BASE, apply the PEFT adapter with peft and merge it (W = W0 + scale·B·A)."""
+                  device: str = "auto", dtype: str = "auto", load_in_4bit: bool = False,
+                  load_in_8bit: bool = False, device_map: str | None = None) -> LoadedModel:
+    """Load BASE (quantised or placed as asked), apply the PEFT adapter with peft and merge it
+    (W = W0 + scale·B·A; into a 4-/8-bit base peft de-quantises, adds and re-quantises)."""
     from peft import PeftModel
-    loaded = load_model(base, attn_implementation=attn_implementation, device=device, dtype=dtype)
+    loaded = load_model(base, attn_implementation=attn_implementation, device=device, dtype=dtype,
+                        load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit, device_map=device_map)
     try:
         merged = PeftModel.from_pretrained(loaded.model, str(adapter.path)).merge_and_unload()
     except Exception as exc:

@@ -195,3 +195,22 @@ def test_quantisation_alone_recipe_loads_merged_in_4bit(tiny_dir, tmp_path, caps
     merged = json.loads((out / "merged/profile.json").read_text())["model"]
     assert base["quantization"] is None and merged["quantization"] == "nf4"
     assert any(h["dgamma"] != 0.0 for h in data["heads"])          # quantisation moved something
+
+
+def test_adapter_merged_into_a_4bit_base(tiny_dir, tmp_path, capsys):
+    """`profile BASE vs ADAPTER --merged-load-in-4bit`: the adapter is merged into an NF4 base (QLoRA
+    deployment), not silently into a full-precision one."""
+    pytest.importorskip("bitsandbytes")
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_dir),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                      init_lora_weights=False))
+    adapter = tmp_path / "adapter"
+    model.save_pretrained(adapter)
+    out = tmp_path / "q"
+    code = main([str(a) for a in ["profile", tiny_dir, "vs", adapter, "--merged-load-in-4bit", "--out", out,
+                                  "--no-weights", "--device", "cpu", *FAST]])
+    assert code in (0, 1)
+    assert json.loads((out / "base/profile.json").read_text())["model"]["quantization"] is None
+    assert json.loads((out / "merged/profile.json").read_text())["model"]["quantization"] == "nf4"

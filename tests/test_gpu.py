@@ -4,8 +4,8 @@
   GQA, sliding window; lengths past one tile and up to 8K);
 - a whole capture on the GPU (tail and dense) against the same model's capture on the CPU, whose
   paths are checked against eager attention weights in test_capture.py;
-- a model split across devices (`device_map`): layers on different devices give the same
-  statistics as the model on one device, with the kernels launched on each layer's own GPU;
+- a model split across devices (`device_map`): layers on two GPUs (the kernels launched on each
+  layer's own GPU; needs two) or offloaded to the CPU give the same statistics as the whole model;
 - bitsandbytes NF4 on CUDA: the layers are 4-bit with bf16 compute and the capture is finite.
 """
 from __future__ import annotations
@@ -69,22 +69,35 @@ def test_capture_on_gpu_equals_capture_on_cpu(estimator):
                                    err_msg=field)
 
 
-@pytest.mark.parametrize("estimator", ["tail", "dense"])
-def test_model_split_across_devices(tmp_path, estimator):
-    """Layer 0 on cuda:0; layer 1 on cuda:1 when there is one, else on the CPU."""
+def split_capture(tmp_path, second, estimator: str) -> tuple[cap.Capture, cap.Capture]:
+    """Capture with layer 0 on cuda:0 and layer 1 (with the norm and head) on `second`, and with
+    the whole model on the CPU."""
     from profiler.load import load_model
     path = save_tiny(tmp_path / "tiny", num_key_value_heads=2)
-    second = 1 if torch.cuda.device_count() > 1 else "cpu"
     device_map = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0,
                   "model.layers.1": second, "model.norm": second, "lm_head": second}
     cap.register()
     split = load_model(str(path), attn_implementation=cap.ATTN_NAME, device="cuda", dtype="float32",
                        device_map=device_map).model
-    assert {p.device.type for p in split.model.layers[0].parameters()} == {"cuda"}
     whole = load_model(str(path), attn_implementation=cap.ATTN_NAME, device="cpu", dtype="float32").model
     ids = np.random.default_rng(6).integers(0, 300, size=(2, 128))
-    got = cap.capture(split, ids, window=16, estimator=estimator)
-    want = cap.capture(whole, ids, window=16, estimator=estimator)
+    return (cap.capture(split, ids, window=16, estimator=estimator),
+            cap.capture(whole, ids, window=16, estimator=estimator))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("estimator", ["tail", "dense"])
+def test_model_split_across_two_gpus(tmp_path, estimator):
+    """Layer 1 runs on cuda:1 while cuda:0 is current: the kernels must launch on cuda:1."""
+    got, want = split_capture(tmp_path, 1, estimator)
+    np.testing.assert_allclose(got.A, want.A, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("estimator", ["tail", "dense"])
+def test_model_with_cpu_offloaded_layers(tmp_path, estimator):
+    """"cpu" in a device map is accelerate's CPU offload: layer 1's weights stay on the host and are
+    brought to cuda:0 by accelerate's hooks for each forward pass."""
+    got, want = split_capture(tmp_path, "cpu", estimator)
     np.testing.assert_allclose(got.A, want.A, rtol=1e-4, atol=1e-5)
 
 
