@@ -175,14 +175,20 @@ class Recorder:
                                         (stats.A, stats.sink, stats.local, stats.entropy)))
 
     def finish(self) -> "Recorder":
-        """After the forward pass: refuse NaN/inf (lowest layer first, where it started) and move
-        every layer's statistics to the CPU."""
+        """After the forward pass: move every layer's statistics to the CPU (one stacked copy per
+        field and device, not one per layer) and refuse NaN/inf, naming the lowest bad layer."""
+        fields = ("A", "sink", "local", "entropy")
+        by_device: dict[torch.device, list[int]] = {}
         for idx in sorted(self.layers):
-            stats = self.layers[idx]
-            if not torch.isfinite(stats.A).all():
+            by_device.setdefault(self.layers[idx].A.device, []).append(idx)
+        for indices in by_device.values():
+            host = {f: torch.stack([getattr(self.layers[i], f) for i in indices]).cpu() for f in fields}
+            for k, idx in enumerate(indices):
+                self.layers[idx] = LayerStats(*(host[f][k] for f in fields))
+        for idx in sorted(self.layers):
+            if not torch.isfinite(self.layers[idx].A).all():
                 raise AttnprofError(f"NaN or inf in the attention of layer {idx}: the model's weights or "
                                     "inputs are broken (try --dtype float32)")
-            self.layers[idx] = LayerStats(*(t.cpu() for t in (stats.A, stats.sink, stats.local, stats.entropy)))
         return self
 
 
