@@ -69,6 +69,25 @@ def test_capture_on_gpu_equals_capture_on_cpu(estimator):
                                    err_msg=field)
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("kind,extra", [("llama", {}), ("mistral", {"sliding_window": 24})])
+def test_half_precision_model_dense_kernel_equals_reference(monkeypatch, dtype, kind, extra):
+    """A bf16/fp16 model on the GPU, end to end: the dense capture through the Triton kernels equals
+    the same capture through the chunked torch reference (same forward, same q/k), sliding window
+    included; beyond the window the profile is exactly 0."""
+    import profiler.dense as dense
+    ids = np.random.default_rng(8).integers(0, 300, size=(2, 200))
+    model = tiny_model(kind, num_key_value_heads=2, **extra).to("cuda", dtype)
+    with_kernel = capture_on(model, ids, "dense")
+    monkeypatch.setattr(dense, "triton_available", lambda: False)
+    with_reference = capture_on(model, ids, "dense")
+    np.testing.assert_allclose(with_kernel.A, with_reference.A, rtol=2e-4, atol=1e-5)
+    window = extra.get("sliding_window")
+    if window:
+        assert np.all(with_kernel.A[..., window:] == 0.0)
+
+
 def split_capture(tmp_path, second, estimator: str) -> tuple[cap.Capture, cap.Capture]:
     """Capture with layer 0 on cuda:0 and layer 1 (with the norm and head) on `second`, and with
     the whole model on the CPU."""
