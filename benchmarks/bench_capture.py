@@ -137,8 +137,7 @@ def child(method: str, length: int, num: int, device: str, model_spec: str) -> d
     if method in ("tail", "dense", "taf"):
         meta = {"rope_theta": None}
         if method == "taf":
-            keep = curves.distances >= cap.TAF_FIT_D_MIN
-            setup = FitSetup.points(curves.distances[keep], num, 0)
+            setup = FitSetup.points(cap.taf_fit_distances(curves.distances), num, 0)
         else:
             from profiler.rules import FIT_SINK_MARGIN
             setup = FitSetup.make(length - window - FIT_SINK_MARGIN, num, 0)

@@ -31,22 +31,20 @@ from profiler import capture as cap  # noqa: E402
 from profiler import fit  # noqa: E402
 from profiler.load import load_model  # noqa: E402
 from profiler.probes import build_probes  # noqa: E402
-from profiler.profiles import FitSetup  # noqa: E402
+from profiler.profiles import FitSetup, model_level_fit  # noqa: E402
 from profiler.rules import FIT_SINK_MARGIN  # noqa: E402
 
 
 def model_level_ci(curves: cap.Capture, setup_for: Callable[[int], FitSetup]) -> tuple[float, float, float]:
     """Model-level gamma and its bootstrap CI, as the profile computes them (heads skipped)."""
     setup = setup_for(curves.A.shape[0])
-    binned = fit.bin_profile(curves.A, setup.bins, curves.distances).mean(axis=(1, 2))   # (N, nb)
-    gamma = float(fit.power_law(binned.mean(axis=0), setup.bins)["gamma"])
-    lo, hi = fit.percentile_ci(fit.bootstrap_gamma(binned, setup.bins, setup.resample))
-    return gamma, float(lo), float(hi)
+    model, (lo, hi) = model_level_fit(fit.bin_profile(curves.A, setup.bins, curves.distances), setup)
+    return float(model["gamma"]), float(lo), float(hi)
 
 
 def concat(parts: list[cap.Capture]) -> cap.Capture:
     """One Capture from per-batch Captures (probes stacked)."""
-    return cap.Capture(**{f: np.concatenate([getattr(p, f) for p in parts]) for f in ("A", "sink", "local", "entropy")},
+    return cap.Capture(**{f: np.concatenate([getattr(p, f) for p in parts]) for f in cap.STAT_FIELDS},
                        distances=parts[0].distances)
 
 
@@ -85,7 +83,7 @@ def main() -> None:
     # fresh prompts for TAF (another seed), long enough for the whole protocol: d up to 2000
     taf_length = max(cap.TAF_DISTANCES) + cap.TAF_PREFIX
     pool = build_probes(args.probes, loaded.tokenizer, taf_length, args.max_prompts, seed=1)
-    fitted = np.array([d for d in cap.TAF_DISTANCES if d >= cap.TAF_FIT_D_MIN])
+    fitted = cap.taf_fit_distances(np.array(cap.TAF_DISTANCES))
 
     def taf_setup(num: int) -> FitSetup:
         return FitSetup.points(fitted, num, 0)
@@ -97,9 +95,6 @@ def main() -> None:
         taf_parts.append(cap.capture_taf(model, pool.input_ids[start:start + args.batch]))
         capture_seconds += time.perf_counter() - t
         curves = concat(taf_parts)
-        keep = curves.distances >= cap.TAF_FIT_D_MIN
-        curves = cap.Capture(A=curves.A[..., keep], sink=curves.sink, local=curves.local,
-                             entropy=curves.entropy, distances=curves.distances[keep])
         t = time.perf_counter()
         g, l, h = model_level_ci(curves, taf_setup)
         fit_seconds = time.perf_counter() - t

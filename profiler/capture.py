@@ -59,6 +59,9 @@ class LayerStats:
     entropy: torch.Tensor
 
 
+STAT_FIELDS = ("A", "sink", "local", "entropy")    # the per-head statistics, in LayerStats order
+
+
 MASKED = -1e30     # finite "minus infinity": exp() gives exactly 0 and 0 · MASKED stays 0
 
 
@@ -138,8 +141,7 @@ def tail_stats(query: torch.Tensor, key: torch.Tensor, scaling: float, mask: tor
         probs.div_(norm)
         plogp = torch.linalg.vecdot(probs, shifted) - torch.log(norm[..., 0])   # Σ p ln p
         parts.append(reduce_tail(probs, cnt, plogp))
-    return LayerStats(*(torch.cat([getattr(p, f) for p in parts], dim=1)
-                        for f in ("A", "sink", "local", "entropy")))
+    return LayerStats(*(torch.cat([getattr(p, f) for p in parts], dim=1) for f in STAT_FIELDS))
 
 
 class Recorder:
@@ -171,20 +173,18 @@ class Recorder:
     def store(self, idx: int, stats: LayerStats) -> None:
         """Keep a layer's statistics where they were computed: a device-to-host copy here would
         stall a GPU forward pass at every layer; `finish` moves them all once the pass is done."""
-        self.layers[idx] = LayerStats(*(t.detach().float() for t in
-                                        (stats.A, stats.sink, stats.local, stats.entropy)))
+        self.layers[idx] = LayerStats(*(getattr(stats, f).detach().float() for f in STAT_FIELDS))
 
     def finish(self) -> "Recorder":
         """After the forward pass: move every layer's statistics to the CPU (one stacked copy per
         field and device, not one per layer) and refuse NaN/inf, naming the lowest bad layer."""
-        fields = ("A", "sink", "local", "entropy")
         by_device: dict[torch.device, list[int]] = {}
         for idx in sorted(self.layers):
             by_device.setdefault(self.layers[idx].A.device, []).append(idx)
         for indices in by_device.values():
-            host = {f: torch.stack([getattr(self.layers[i], f) for i in indices]).cpu() for f in fields}
+            host = {f: torch.stack([getattr(self.layers[i], f) for i in indices]).cpu() for f in STAT_FIELDS}
             for k, idx in enumerate(indices):
-                self.layers[idx] = LayerStats(*(host[f][k] for f in fields))
+                self.layers[idx] = LayerStats(*(host[f][k] for f in STAT_FIELDS))
         for idx in sorted(self.layers):
             if not torch.isfinite(self.layers[idx].A).all():
                 raise AttnprofError(f"NaN or inf in the attention of layer {idx}: the model's weights or "
@@ -265,7 +265,7 @@ class Capture:
 
 def _stack(recorders: list[Recorder], num_layers: int) -> dict[str, np.ndarray]:
     out = {}
-    for field in ("A", "sink", "local", "entropy"):
+    for field in STAT_FIELDS:
         per_probe = []
         for rec in recorders:
             if sorted(rec.layers) != list(range(num_layers)):
@@ -321,6 +321,11 @@ TAF_PREFIX = 50          # the protocol's sequence length is d + 50
 TAF_FIT_D_MIN = 30
 
 
+def taf_fit_distances(distances: np.ndarray) -> np.ndarray:
+    """The protocol's distances that enter its power-law fit (d ≥ 30)."""
+    return distances[distances >= TAF_FIT_D_MIN]
+
+
 def capture_taf(model: torch.nn.Module, input_ids: np.ndarray, *,
                 distances: tuple[int, ...] = TAF_DISTANCES,
                 progress: Callable[[int], None] | None = None) -> Capture:
@@ -335,7 +340,7 @@ def capture_taf(model: torch.nn.Module, input_ids: np.ndarray, *,
     limit_heap_growth()
     num_layers = model.config.get_text_config().num_hidden_layers
     device = input_device(model)
-    per_probe = {f: [] for f in ("A", "sink", "local", "entropy")}
+    per_probe = {f: [] for f in STAT_FIELDS}
     for row in input_ids:
         columns, last = [], None
         for d in usable:
@@ -349,6 +354,6 @@ def capture_taf(model: torch.nn.Module, input_ids: np.ndarray, *,
             if progress:
                 progress(1)
         per_probe["A"].append(np.stack(columns, axis=-1))
-        for f in ("sink", "local", "entropy"):
+        for f in STAT_FIELDS[1:]:          # from the longest prompt
             per_probe[f].append(last[f])
     return Capture(distances=np.asarray(usable), **{f: np.concatenate(v) for f, v in per_probe.items()})

@@ -161,10 +161,17 @@ def fit_capture(curves: Capture, setup: FitSetup) -> tuple[dict, np.ndarray, dic
     binned = fit.bin_profile(curves.A, setup.bins, curves.distances)          # (N, L, H, nb)
     heads = fit.power_law(binned.mean(axis=0), setup.bins)
     heads_ci = fit.percentile_ci(fit.bootstrap_gamma(binned, setup.bins, setup.resample))
+    model, model_ci = model_level_fit(binned, setup)
+    return heads, heads_ci, model, model_ci
+
+
+def model_level_fit(binned: np.ndarray, setup: FitSetup) -> tuple[dict, np.ndarray]:
+    """The fit of the mean profile over layers and heads, and its bootstrap CI over probes.
+
+    binned: (N, L, H, nb) per-probe binned profiles."""
     model_binned = binned.mean(axis=(1, 2))                                   # (N, nb)
     model = fit.power_law(model_binned.mean(axis=0), setup.bins)
-    model_ci = fit.percentile_ci(fit.bootstrap_gamma(model_binned, setup.bins, setup.resample))
-    return heads, heads_ci, model, model_ci
+    return model, fit.percentile_ci(fit.bootstrap_gamma(model_binned, setup.bins, setup.resample))
 
 
 def build_profile(curves: Capture, input_ids: np.ndarray, model: dict, probes: dict,

@@ -128,8 +128,7 @@ def capture_loaded(loaded: LoadedModel, probes: ProbeSet, options: ProfileOption
     probes_dict = {**probes.describe(), "window": window if options.estimator != "taf" else 1,
                    "estimator": options.estimator, "fingerprint": fingerprint(probes.input_ids)}
     if options.estimator == "taf":
-        setup = FitSetup.points(curves.distances[curves.distances >= cap.TAF_FIT_D_MIN], probes.num,
-                                options.seed)
+        setup = FitSetup.points(cap.taf_fit_distances(curves.distances), probes.num, options.seed)
     else:
         setup = FitSetup.make(d_max, probes.num, options.seed)
     return build_profile(curves, probes.input_ids, model_dict, probes_dict, setup)

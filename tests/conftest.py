@@ -35,6 +35,15 @@ def tiny_model(kind: str = "llama", seed: int = 0, attn_implementation: str = "s
     return model.eval()
 
 
+def random_qk(batch: int, heads: int, kv_heads: int, length: int, dim: int,
+              seed: int = 0, spread: float = 3.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Query/key inputs whose logits have std ≈ spread, so attention is far from uniform."""
+    gen = torch.Generator().manual_seed(seed)
+    query = torch.randn(batch, heads, length, dim, generator=gen) * spread
+    key = torch.randn(batch, kv_heads, length, dim, generator=gen)
+    return query, key
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """One torch thread: on a shared 2-core machine, 2 OpenMP threads stall whenever another

@@ -16,6 +16,8 @@ from typing import Any, Callable
 import pytest
 import torch
 
+from conftest import random_qk
+
 from profiler.dense import (
     TritonBlocks,
     dense_counts,
@@ -47,15 +49,6 @@ def naive_profile(query: torch.Tensor, key: torch.Tensor, scaling: float,
         if seen.any():
             out[..., d] = diagonal[..., seen].mean(-1)
     return out
-
-
-def random_qk(batch: int, heads: int, kv_heads: int, length: int, dim: int,
-              seed: int = 0, spread: float = 3.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs whose logits have std ≈ spread, so attention is far from uniform."""
-    gen = torch.Generator().manual_seed(seed)
-    query = torch.randn(batch, heads, length, dim, generator=gen) * spread
-    key = torch.randn(batch, kv_heads, length, dim, generator=gen)
-    return query, key
 
 
 @pytest.mark.parametrize("heads,kv_heads,length,window,chunk", [

@@ -18,19 +18,10 @@ import torch
 
 from profiler import capture as cap
 from profiler.dense import dense_profile_reference, dense_profile_triton
-from conftest import save_tiny, tiny_model
+from conftest import random_qk, save_tiny, tiny_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 HAS_TRITON = importlib.util.find_spec("triton") is not None
-
-
-def random_qk(heads: int, kv_heads: int, length: int, dim: int, dtype: torch.dtype,
-              seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits with std ≈ 3 (far from uniform attention), made on the CPU for reproducibility."""
-    gen = torch.Generator().manual_seed(seed)
-    query = torch.randn(1, heads, length, dim, generator=gen) * 3.0
-    key = torch.randn(1, kv_heads, length, dim, generator=gen)
-    return query.to("cuda", dtype), key.to("cuda", dtype)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
@@ -42,7 +33,7 @@ def random_qk(heads: int, kv_heads: int, length: int, dim: int, dtype: torch.dty
     (9, 3, 8192, 64, None),       # long: several programs per distance block
 ])
 def test_triton_kernel_matches_reference_on_gpu(dtype, heads, kv_heads, length, dim, window):
-    query, key = random_qk(heads, kv_heads, length, dim, dtype)
+    query, key = (t.to("cuda", dtype) for t in random_qk(1, heads, kv_heads, length, dim))
     got = dense_profile_triton(query, key, dim ** -0.5, window)
     want = dense_profile_reference(query, key, dim ** -0.5, window)
     assert got.dtype == torch.float32 and got.shape == (1, heads, length)
