@@ -491,9 +491,10 @@ def plot_top_shifted(diff_json: Mapping[str, Any], base_A: np.ndarray, merged_A:
         ax.set_yscale("log")
         tidy_log_y(ax)
         ci = h.get("dgamma_ci")
-        ci_text = f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci and None not in ci else ""
-        ax.set_title(f"L{layer} H{head}  Δγ = {_num(h['dgamma']):+.3f}{ci_text}\n"
-                     f"γ {_num(h.get('gamma_base')):.2f} → {_num(h.get('gamma_merged')):.2f}",
+        # the CI on the second line: on one line the rightmost column's title ran off the figure
+        ci_text = f"CI [{ci[0]:+.2f}, {ci[1]:+.2f}]  " if ci and None not in ci else ""
+        ax.set_title(f"L{layer} H{head}  Δγ = {_num(h['dgamma']):+.3f}\n"
+                     f"{ci_text}γ {_num(h.get('gamma_base')):.2f} → {_num(h.get('gamma_merged')):.2f}",
                      fontsize=9.5)
         ax.set_xlabel("distance d (tokens)", fontsize=9)
         ax.tick_params(labelsize=8.5)
