@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 TORCH  ?= torch==2.13.0
 
-.PHONY: venv demo test test-gpu bench bench-gpu clean
+.PHONY: venv demo test tune-gpu test-gpu bench bench-gpu clean
 
 venv: $(VENV)/.installed
 
@@ -32,27 +32,39 @@ test: venv
 bench: venv
 	$(PY) benchmarks/bench_capture.py
 
-# On a CUDA machine: the GPU tests (skipped elsewhere) and the GPU benchmarks, with that machine's
-# own python and torch (GPU_PY; no .venv, no network needed: PYTHONPATH=. finds the package), random
-# weights at SmolLM2's shape so that T reaches 32K. Fails unless CUDA is there. Results land in
-# reports/bench-gpu/.
-GPU_PY ?= python3
-GPU_RUN = PYTHONPATH=. $(GPU_PY)
+# On a CUDA machine: tune the dense kernels' tiles, the GPU tests (skipped elsewhere) and the GPU
+# benchmarks, with that machine's own python and torch (GPU_PY; no .venv, no network needed:
+# PYTHONPATH=. finds the package), random weights at real models' shapes so that T reaches 32K.
+# Fails unless CUDA is there. Logs land in GPU_OUT. `make -k tune-gpu test-gpu bench-gpu` does all.
+GPU_PY  ?= python3
+GPU_OUT ?= reports/bench-gpu
+GPU_RUN  = PYTHONPATH=.$(if $(PYTHONPATH),:$(PYTHONPATH)) $(GPU_PY)
 CUDA_CHECK = $(GPU_RUN) -c "import torch, sys; sys.exit(not torch.cuda.is_available())" || \
 	{ echo "no CUDA device visible to $(GPU_PY)"; exit 1; }
+TEE = 2>&1 | tee $(GPU_OUT)
+
+tune-gpu:
+	@$(CUDA_CHECK)
+	mkdir -p $(GPU_OUT)
+	set -o pipefail; $(GPU_RUN) benchmarks/tune_dense.py --lengths 8192 32768 --save $(TEE)/tune.txt
+	cp profiler/data/triton_blocks.json $(GPU_OUT)/
 
 test-gpu:
 	@$(CUDA_CHECK)
-	$(GPU_RUN) -m pytest -q -rs -p no:cacheprovider tests/test_gpu.py tests/test_dense.py
+	mkdir -p $(GPU_OUT)
+	set -o pipefail; $(GPU_RUN) -m pytest -q -rs -p no:cacheprovider tests/test_gpu.py tests/test_dense.py \
+	  $(TEE)/tests.txt
 
 bench-gpu:
 	@$(CUDA_CHECK)
-	mkdir -p reports/bench-gpu
-	set -o pipefail; $(GPU_RUN) benchmarks/bench_dense.py 2048 8192 32768 | tee reports/bench-gpu/dense.txt
+	mkdir -p $(GPU_OUT)
+	set -o pipefail; $(GPU_RUN) benchmarks/bench_dense.py 2048 8192 32768 $(TEE)/dense.txt
 	set -o pipefail; $(GPU_RUN) benchmarks/bench_capture.py --device cuda \
 	  --model benchmarks/configs/smollm2-135m-32k.json --lengths 2048 8192 32768 --num 8 \
-	  --methods plain,tail,dense,hooks,paired --json reports/bench-gpu/capture.json \
-	  | tee reports/bench-gpu/capture.txt
+	  --methods plain,tail,dense,hooks,paired --json $(GPU_OUT)/capture.json $(TEE)/capture.txt
+	set -o pipefail; $(GPU_RUN) benchmarks/bench_capture.py --device cuda \
+	  --model benchmarks/configs/llama-1b-shape-32k.json --lengths 32768 --num 1 \
+	  --methods plain,tail,dense $(TEE)/capture-1b.txt
 
 clean:
 	rm -rf $(VENV) build *.egg-info

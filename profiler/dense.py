@@ -25,8 +25,10 @@ Padding masks are not modelled: every position 0 … T−1 is a real token.
 import contextlib
 import dataclasses
 import functools
+import json
 import math
 import os
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -133,34 +135,51 @@ def dense_profile_reference(query: torch.Tensor, key: torch.Tensor, scaling: flo
 
 @dataclasses.dataclass(frozen=True)
 class TritonBlocks:
-    """Tile sizes of the two Triton kernels (powers of two, at least 16 for tl.dot).
+    """Tile sizes and warps of the two Triton kernels (tiles: powers of two, at least 16 for tl.dot).
 
-    stats_m × stats_n: query × key tile of the softmax-statistics pass.
+    stats_m × stats_n: query × key tile of the softmax-statistics pass, run by stats_warps warps.
     rows × dists: query × distance tile of the binning pass; one program owns `dists`
-    distances and `rows_per_program` queries and keeps their sums in registers.
-    The defaults (`for_dtype`) compile for sm_90 without register spills at head dims 64
-    and 128 (checked with ptxas); they are not tuned by timing.
+    distances and `rows_per_program` queries, keeps their sums in registers and runs
+    bins_warps warps. The defaults for each dtype and head dim come from `TUNED_BLOCKS_FILE`.
     """
 
     stats_m: int = 64
     stats_n: int = 64
+    stats_warps: int = 8
     rows: int = 16
     dists: int = 64
     rows_per_program: int = 256
-    num_warps: int = 8
+    bins_warps: int = 8
 
     def __post_init__(self) -> None:
         for name in ("stats_m", "stats_n", "rows", "dists", "rows_per_program"):
             value = getattr(self, name)
             if value < 16 or value & (value - 1):
                 raise ValueError(f"TritonBlocks.{name} must be a power of two >= 16, got {value}")
+        for name in ("stats_warps", "bins_warps"):
+            if getattr(self, name) not in (1, 2, 4, 8, 16):
+                raise ValueError(f"TritonBlocks.{name} must be 1, 2, 4, 8 or 16, got {getattr(self, name)}")
         if self.dists < self.rows or self.rows_per_program < self.rows:
             raise ValueError("TritonBlocks.dists and rows_per_program must be multiples of rows")
 
     @classmethod
-    def for_dtype(cls, dtype: torch.dtype) -> "TritonBlocks":
-        """Defaults per input dtype: fp32 tiles hold twice the bytes, so halve the stats rows."""
-        return cls(stats_m=32) if dtype == torch.float32 else cls()
+    def for_dtype(cls, dtype: torch.dtype, head_dim: int = 64) -> "TritonBlocks":
+        """The tuned tiles for this input dtype and head dim (see `TUNED_BLOCKS_FILE`)."""
+        table = _tuned_blocks()
+        if dtype == torch.float32:
+            return cls(**table["float32"])
+        return cls(**table["half"]["d64" if head_dim <= 64 else "d128"])
+
+
+# Tiles per dtype and head dim: written by benchmarks/tune_dense.py (--save) from timings on a
+# GPU; the file records where. fp32 tiles hold twice the bytes: its entry is not timed, only
+# compiled without spills for sm_90. Read once per process.
+TUNED_BLOCKS_FILE = Path(__file__).parent / "data" / "triton_blocks.json"
+
+
+@functools.cache
+def _tuned_blocks() -> dict[str, Any]:
+    return json.loads(TUNED_BLOCKS_FILE.read_text())
 
 
 @functools.cache
@@ -274,11 +293,12 @@ def triton_available() -> bool:
     return _triton_kernels() is not None
 
 
-def _kernel_constants(dtype: torch.dtype, head_dim: int, blocks: TritonBlocks,
-                     interpreted: bool = False) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """Compile-time arguments of (row_stats, distance_bins) and their launch options.
+def _kernel_constants(dtype: torch.dtype, head_dim: int, blocks: TritonBlocks, interpreted: bool = False
+                      ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Compile-time arguments and launch options of row_stats and of distance_bins.
 
-    Shared with the tests, which compile the kernels ahead of time for a CUDA target.
+    Returns (stats constants, bins constants, stats options, bins options). Shared with the
+    tests, which compile the kernels ahead of time for a CUDA target.
     """
     # Triton's interpreter keeps bf16 as uint16 and its tl.dot cannot multiply them; upcast
     # there (exact: bf16 × bf16 products are exact in fp32, as in the GPU's fp32 accumulator).
@@ -290,8 +310,55 @@ def _kernel_constants(dtype: torch.dtype, head_dim: int, blocks: TritonBlocks,
     bins = dict(shared, ROWS=blocks.rows, DISTS=blocks.dists,
                 ROWS_PER_PROGRAM=blocks.rows_per_program)
     # No FMA contraction: both passes round score = dot · scale alike, as the reference does.
-    options = dict(num_warps=blocks.num_warps, enable_fp_fusion=False)
-    return stats, bins, options
+    return (stats, bins, dict(num_warps=blocks.stats_warps, enable_fp_fusion=False),
+            dict(num_warps=blocks.bins_warps, enable_fp_fusion=False))
+
+
+def _runtime_args(query: torch.Tensor, key: torch.Tensor, scaling: float | None, window: int) -> dict[str, Any]:
+    """The kernels' run-time arguments: sizes, the log2-unit logit scale and every stride."""
+    return dict(
+        T=query.shape[2], H=query.shape[1], G=query.shape[1] // key.shape[1], window=window,
+        qk_scale=_scale(scaling, query.shape[3]) * math.log2(math.e),
+        stride_qb=query.stride(0), stride_qh=query.stride(1),
+        stride_qt=query.stride(2), stride_qd=query.stride(3),
+        stride_kb=key.stride(0), stride_kh=key.stride(1),
+        stride_kt=key.stride(2), stride_kd=key.stride(3),
+    )
+
+
+def _on_device(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Make the tensor's CUDA device current: Triton launches on the current device, and with
+    --device-map a layer's tensors may live on cuda:1 while cuda:0 is current."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
+def _row_stats_triton(query: torch.Tensor, key: torch.Tensor, scaling: float | None, window: int,
+                      blocks: TritonBlocks) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pass 1: each row's softmax max and sum in log2 units, (B·H·T,) fp32 each."""
+    kernels = _triton_kernels()
+    batch, heads, length, dim = query.shape
+    stats, _, options, _ = _kernel_constants(query.dtype, dim, blocks, interpreted=not query.is_cuda)
+    row_max, row_sum = torch.empty(2, batch * heads * length, dtype=torch.float32, device=query.device)
+    grid = (kernels["triton"].cdiv(length, blocks.stats_m), batch * heads)
+    with _on_device(query):
+        kernels["row_stats"][grid](query, key, row_max, row_sum, **_runtime_args(query, key, scaling, window),
+                                   **stats, **options)
+    return row_max, row_sum
+
+
+def _distance_bins_triton(query: torch.Tensor, key: torch.Tensor, scaling: float | None, window: int,
+                          blocks: TritonBlocks, row_max: torch.Tensor, row_sum: torch.Tensor) -> torch.Tensor:
+    """Pass 2: per-distance sums of n_i · P[i, i − d], (B, H, T) fp32 (not yet divided by c(d))."""
+    kernels = _triton_kernels()
+    batch, heads, length, dim = query.shape
+    _, bins, _, options = _kernel_constants(query.dtype, dim, blocks, interpreted=not query.is_cuda)
+    sums = torch.zeros(batch, heads, length, dtype=torch.float32, device=query.device)
+    cdiv = kernels["triton"].cdiv
+    grid = (cdiv(window, blocks.dists) + 1, cdiv(length, blocks.rows_per_program), batch * heads)
+    with _on_device(query):
+        kernels["distance_bins"][grid](query, key, row_max, row_sum, sums,
+                                       **_runtime_args(query, key, scaling, window), **bins, **options)
+    return sums
 
 
 def dense_profile_triton(query: torch.Tensor, key: torch.Tensor, scaling: float | None,
@@ -310,40 +377,15 @@ def dense_profile_triton(query: torch.Tensor, key: torch.Tensor, scaling: float 
     if not query.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 for "
                          "Triton's CPU interpreter); use backend='torch' on CPU")
-    kernels = _triton_kernels()
-    if kernels is None:
+    if _triton_kernels() is None:
         raise RuntimeError("the triton backend needs the 'triton' package (pip install triton)")
     if key.dtype != query.dtype:
         key = key.to(query.dtype)
     if query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         query, key = query.float(), key.float()
-    blocks = blocks or TritonBlocks.for_dtype(query.dtype)
-    triton = kernels["triton"]
-    batch, heads, length, dim = query.shape
-    stats_consts, bins_consts, options = _kernel_constants(query.dtype, dim, blocks,
-                                                         interpreted=not query.is_cuda)
-    runtime = dict(
-        T=length, H=heads, G=heads // key.shape[1], window=window,
-        qk_scale=_scale(scaling, dim) * math.log2(math.e),
-        stride_qb=query.stride(0), stride_qh=query.stride(1),
-        stride_qt=query.stride(2), stride_qd=query.stride(3),
-        stride_kb=key.stride(0), stride_kh=key.stride(1),
-        stride_kt=key.stride(2), stride_kd=key.stride(3),
-    )
-    row_max, row_sum = torch.empty(2, batch * heads * length, dtype=torch.float32,
-                                   device=query.device)
-    sums = torch.zeros(batch, heads, length, dtype=torch.float32, device=query.device)
-    # Triton launches on the current CUDA device, not the tensors' one: with --device-map a
-    # layer's tensors may live on cuda:1 while cuda:0 is current, so make their device current.
-    on_device = torch.cuda.device(query.device) if query.is_cuda else contextlib.nullcontext()
-    with on_device:
-        grid = (triton.cdiv(length, blocks.stats_m), batch * heads)
-        kernels["row_stats"][grid](query, key, row_max, row_sum, **runtime, **stats_consts, **options)
-        grid = (triton.cdiv(window, blocks.dists) + 1, triton.cdiv(length, blocks.rows_per_program),
-                batch * heads)
-        kernels["distance_bins"][grid](query, key, row_max, row_sum, sums,
-                                       **runtime, **bins_consts, **options)
-    return _finish(sums, window)
+    blocks = blocks or TritonBlocks.for_dtype(query.dtype, query.shape[3])
+    row_max, row_sum = _row_stats_triton(query, key, scaling, window, blocks)
+    return _finish(_distance_bins_triton(query, key, scaling, window, blocks, row_max, row_sum), window)
 
 
 def dense_profile(query: torch.Tensor, key: torch.Tensor, scaling: float | None,

@@ -213,8 +213,9 @@ def compile_for_sm90() -> dict[str, Any]:
     result = {}
     for dtype, dim in ((torch.bfloat16, 128), (torch.float16, 64), (torch.float32, 64)):
         pointer = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}[dtype]
-        stats, bins, options = _kernel_constants(dtype, dim, TritonBlocks.for_dtype(dtype))
-        for name, constants in (("row_stats", stats), ("distance_bins", bins)):
+        stats, bins, stats_options, bins_options = _kernel_constants(dtype, dim, TritonBlocks.for_dtype(dtype, dim))
+        for name, constants, options in (("row_stats", stats, stats_options),
+                                         ("distance_bins", bins, bins_options)):
             kernel = kernels[name]
             signature = {}
             for param in kernel.params:
