@@ -60,7 +60,7 @@ bench-gpu:
 	mkdir -p $(GPU_OUT)
 	set -o pipefail; $(GPU_RUN) benchmarks/bench_dense.py 2048 8192 32768 $(TEE)/dense.txt
 	set -o pipefail; $(GPU_RUN) benchmarks/bench_capture.py --device cuda \
-	  --model benchmarks/configs/smollm2-135m-32k.json --lengths 2048 8192 32768 --num 8 \
+	  --model benchmarks/configs/smollm2-135m-32k.json --lengths 2048 8192 32768 --num 16 \
 	  --methods plain,tail,dense,hooks,paired --json $(GPU_OUT)/capture.json $(TEE)/capture.txt
 	set -o pipefail; $(GPU_RUN) benchmarks/bench_capture.py --device cuda \
 	  --model benchmarks/configs/llama-1b-shape-32k.json --lengths 32768 --num 1 \

@@ -1,57 +1,78 @@
 """Micro-benchmark of the dense estimator at SmolLM2-135M's attention shape (H=9, KV=3, D=64).
 
-On CPU it times the chunked torch reference. On a CUDA machine with triton it also times the
-Triton kernels and, for scale, the layer's own sdpa attention, and checks the kernels against
-the reference. Usage: python benchmarks/bench_dense.py [T ...]
+On CPU it times the chunked torch reference. On a CUDA machine with triton it also times, in bf16:
+  triton     both Triton passes (row statistics, then distance bins)
+  pass 2     the distance-bins pass alone, given flash attention's logsumexp (what a dense
+             capture runs where flash applies: the layer's attention is computed anyway)
+  sdpa       the layer's own attention forward (F.scaled_dot_product_attention, causal)
+  flash+lse  the same attention through the flash kernel that also returns the logsumexp
+and checks both kernel paths against the reference (max |a − b| / (1 + |b|)).
+Usage: python benchmarks/bench_dense.py [T ...]
 """
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from profiler.capture import flash_with_logsumexp  # noqa: E402
 from profiler.dense import dense_profile_reference, dense_profile_triton, triton_available  # noqa: E402
 
 
-def best_of(fn: Callable[[], object], repeat: int = 3) -> float:
-    """Best wall time in seconds of `repeat` runs after one warm-up run."""
+def milliseconds(fn: Callable[[], object]) -> float:
+    """Median GPU milliseconds (triton's do_bench) on CUDA; best of 3 wall-clock runs on CPU."""
+    if torch.cuda.is_available():
+        import triton.testing
+        return triton.testing.do_bench(fn, warmup=10, rep=100, return_mode="median")
     fn()
     times = []
-    for _ in range(repeat):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+    for _ in range(3):
         start = time.perf_counter()
         fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    return min(times)
+    return min(times) * 1e3
+
+
+def error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got - want).abs() / (1 + want.abs())).nan_to_num().max().item()
 
 
 def main(lengths: list[int]) -> None:
     heads, kv_heads, dim = 9, 3, 64
     cuda = torch.cuda.is_available() and triton_available()
-    print(f"{'T':>6} {'device':>6} {'reference ms':>13} {'triton ms':>10} {'sdpa ms':>8} {'max err':>8}")
+    header = f"{'T':>6} {'device':>6} {'reference ms':>13}"
+    if cuda:
+        header += (f" {'triton ms':>10} {'pass 2 ms':>10} {'sdpa ms':>8} {'flash+lse':>10}"
+                   f" {'triton/sdpa':>12} {'pass2/sdpa':>11} {'max err':>8} {'err lse':>8}")
+    print(header)
     for length in lengths:
         device = "cuda" if cuda else "cpu"
         dtype = torch.bfloat16 if cuda else torch.float32
         query = torch.randn(1, heads, length, dim, device=device, dtype=dtype)
         key = torch.randn(1, kv_heads, length, dim, device=device, dtype=dtype)
         scale = dim ** -0.5
-        ref = best_of(lambda: dense_profile_reference(query, key, scale))
-        row = f"{length:>6} {device:>6} {ref * 1e3:>13.1f}"
+        ref = milliseconds(lambda: dense_profile_reference(query, key, scale))
+        row = f"{length:>6} {device:>6} {ref:>13.1f}"
         if cuda:
-            tri = best_of(lambda: dense_profile_triton(query, key, scale))
-            value = key.repeat_interleave(heads // kv_heads, 1)
-            sdpa = best_of(lambda: F.scaled_dot_product_attention(query, value, value, is_causal=True))
+            value = torch.randn_like(key)
+            layer = SimpleNamespace(is_causal=True)
+            _, lse = flash_with_logsumexp(layer, query, key, value, None, 0.0, scale, {})
+            both = milliseconds(lambda: dense_profile_triton(query, key, scale))
+            second = milliseconds(lambda: dense_profile_triton(query, key, scale, logsumexp=lse))
+            values = value.repeat_interleave(heads // kv_heads, 1)
+            keys = key.repeat_interleave(heads // kv_heads, 1)
+            sdpa = milliseconds(lambda: F.scaled_dot_product_attention(query, keys, values, is_causal=True))
+            flash = milliseconds(lambda: flash_with_logsumexp(layer, query, key, value, None, 0.0, scale, {}))
             want = dense_profile_reference(query, key, scale)
-            err = ((dense_profile_triton(query, key, scale) - want).abs()
-                   / (1 + want.abs())).nan_to_num().max().item()
-            row += f" {tri * 1e3:>10.2f} {sdpa * 1e3:>8.2f} {err:>8.1e}"
-        print(row)
+            row += (f" {both:>10.3f} {second:>10.3f} {sdpa:>8.3f} {flash:>10.3f} {both / sdpa:>12.2f}"
+                    f" {second / sdpa:>11.2f}"
+                    f" {error(dense_profile_triton(query, key, scale), want):>8.1e}"
+                    f" {error(dense_profile_triton(query, key, scale, logsumexp=lse), want):>8.1e}")
+        print(row, flush=True)
 
 
 if __name__ == "__main__":

@@ -160,12 +160,12 @@ class Recorder:
         self._calls += 1
         return int(idx)
 
-    def record(self, module, query, key, mask, scaling, sliding_window=None) -> None:
+    def record(self, module, query, key, mask, scaling, sliding_window=None, logsumexp=None) -> None:
         idx = self.layer_index(module)
         stats = tail_stats(query, key, scaling, mask, self.window)
         if self.estimator == "dense":
             from .dense import dense_counts, dense_profile
-            dense = dense_profile(query, key, scaling, sliding_window=sliding_window)
+            dense = dense_profile(query, key, scaling, sliding_window=sliding_window, logsumexp=logsumexp)
             unseen = dense_counts(query.shape[2], sliding_window, device=dense.device) == 0   # no host copy
             stats.A = dense.masked_fill(unseen, 0.0)    # beyond a sliding window: no attention
         self.store(idx, stats)
@@ -195,13 +195,56 @@ class Recorder:
 _ACTIVE: list[Recorder] = []
 
 
+# Attention features PyTorch's flash kernel does not implement; any of them set means the SDPA path.
+_NOT_FLASH_KWARGS = ("sliding_window", "softcap", "s_aux", "sinks", "position_bias")
+
+
+def flash_with_logsumexp(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         attention_mask: torch.Tensor | None, dropout: float, scale: float,
+                         kwargs: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The layer's causal attention through PyTorch's flash-attention kernel, which returns each
+    query's softmax log-normaliser beside the output: ((B, T, H, D) output as sdpa_attention_forward
+    returns it, (B, H, T) fp32 logsumexp). The dense kernels then skip their first pass.
+
+    None where that kernel does not apply (CPU, fp32, a padding mask, dropout, sliding windows,
+    softcapping, attention sinks, decoding, head dims it lacks); the caller falls back to SDPA.
+    """
+    length, dim = query.shape[2], query.shape[3]
+    if not (query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and attention_mask is None
+            and dropout == 0.0 and getattr(module, "is_causal", True) and kwargs.get("is_causal", True)
+            and all(kwargs.get(name) is None for name in _NOT_FLASH_KWARGS)
+            and 1 < length == key.shape[2] and dim % 8 == 0 and dim <= 256
+            and torch.backends.cuda.flash_sdp_enabled()
+            and torch.cuda.get_device_capability(query.device) >= (8, 0)):
+        return None
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:                        # flash wants as many key/value heads as query heads
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    try:
+        output, logsumexp = torch.ops.aten._scaled_dot_product_flash_attention(
+            query, key, value, 0.0, True, False, scale=scale)[:2]
+    except RuntimeError:                  # this build or GPU lacks the kernel for these inputs
+        return None
+    if logsumexp.shape != query.shape[:3]:
+        return None
+    return output.transpose(1, 2).contiguous(), logsumexp
+
+
 def _attnprof_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
                         scaling: float | None = None, **kwargs):
-    """The registered attention function: record statistics, then run the model's SDPA attention."""
+    """The registered attention function: record statistics, then run the model's SDPA attention
+    (or, for the dense estimator on a GPU, flash attention, whose normalisers the kernels reuse)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     if _ACTIVE:
+        recorder = _ACTIVE[-1]
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        _ACTIVE[-1].record(module, query, key, attention_mask, scale, kwargs.get("sliding_window"))
+        flash = None
+        if recorder.estimator == "dense":
+            flash = flash_with_logsumexp(module, query, key, value, attention_mask, dropout, scale, kwargs)
+        recorder.record(module, query, key, attention_mask, scale, kwargs.get("sliding_window"),
+                        logsumexp=None if flash is None else flash[1])
+        if flash is not None:
+            return flash[0], None
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                   scaling=scaling, **kwargs)
 

@@ -184,108 +184,15 @@ def _tuned_blocks() -> dict[str, Any]:
 
 @functools.cache
 def _triton_kernels() -> dict[str, Any] | None:
-    """Import triton and define the kernels on first use; None when triton is missing."""
+    """Import triton and the kernels on first use; None when triton is missing."""
     try:
         import triton
-        import triton.language as tl
+
+        from . import dense_triton
     except ImportError:
         return None
-
-    @triton.jit
-    def row_stats_kernel(q_ptr, k_ptr, m_ptr, l_ptr, T, H, G, window, qk_scale,
-                         stride_qb, stride_qh, stride_qt, stride_qd,
-                         stride_kb, stride_kh, stride_kt, stride_kd,
-                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
-        # Pass 1, flash style: online row max m_i and sum l_i of 2^(score·log2 e) over
-        # the visible keys of BLOCK_M queries. Scores are in log2 units (qk_scale has log2 e).
-        pid_m = tl.program_id(0)
-        bh = tl.program_id(1)
-        b = (bh // H).to(tl.int64)
-        h = bh % H
-        q_base = q_ptr + b * stride_qb + h.to(tl.int64) * stride_qh
-        k_base = k_ptr + b * stride_kb + (h // G).to(tl.int64) * stride_kh
-        row_start = pid_m * BLOCK_M
-        rows = row_start + tl.arange(0, BLOCK_M)
-        dims = tl.arange(0, BLOCK_D)
-        q = tl.load(q_base + rows[:, None] * stride_qt + dims[None, :] * stride_qd,
-                    mask=(rows[:, None] < T) & (dims[None, :] < HEAD_DIM), other=0.0)
-        if DOT_FP32:
-            q = q.to(tl.float32)
-        m = tl.full([BLOCK_M], -1.0e30, tl.float32)
-        l = tl.zeros([BLOCK_M], tl.float32)
-        lo = tl.maximum(row_start - window + 1, 0) // BLOCK_N * BLOCK_N
-        hi = tl.minimum(row_start + BLOCK_M, T)
-        for n0 in range(lo, hi, BLOCK_N):
-            cols = n0 + tl.arange(0, BLOCK_N)
-            k_t = tl.load(k_base + cols[None, :] * stride_kt + dims[:, None] * stride_kd,
-                          mask=(cols[None, :] < T) & (dims[:, None] < HEAD_DIM), other=0.0)
-            if DOT_FP32:
-                k_t = k_t.to(tl.float32)
-            s = tl.dot(q, k_t, input_precision=PRECISION) * qk_scale
-            visible = (cols[None, :] <= rows[:, None]) & (cols[None, :] > rows[:, None] - window)
-            s = tl.where(visible, s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, axis=1))
-            l = l * tl.exp2(m - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
-            m = m_new
-        row_ok = rows < T
-        tl.store(m_ptr + bh * T + rows, m, mask=row_ok)
-        tl.store(l_ptr + bh * T + rows, l, mask=row_ok)
-
-    @triton.jit
-    def distance_bins_kernel(q_ptr, k_ptr, m_ptr, l_ptr, out_ptr, T, H, G, window, qk_scale,
-                             stride_qb, stride_qh, stride_qt, stride_qd,
-                             stride_kb, stride_kh, stride_kt, stride_kd,
-                             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                             ROWS: tl.constexpr, DISTS: tl.constexpr, ROWS_PER_PROGRAM: tl.constexpr,
-                             PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
-        # Pass 2: queries q_lo … q_lo+ROWS_PER_PROGRAM−1 in tiles of ROWS rows starting at
-        # multiples i0 of ROWS. Tile row r, column c pairs query i0 + r with key i0 − d0 − c,
-        # i.e. distance d0 + r + c whatever i0 is, so the weights accumulate in registers and
-        # reach memory once per program (ROWS·DISTS atomics), not once per (query, key) pair.
-        # Each visible pair (i, d) lands in exactly one program: r = i mod ROWS and d0 the
-        # multiple of DISTS in (d − r − DISTS, d − r], hence d0 starts at −DISTS.
-        pid_d = tl.program_id(0)
-        pid_q = tl.program_id(1)
-        bh = tl.program_id(2)
-        d0 = (pid_d - 1) * DISTS
-        q_lo = pid_q * ROWS_PER_PROGRAM
-        start = tl.maximum(q_lo, d0)          # a query i < d0 sees no key at distance ≥ d0
-        end = tl.minimum(q_lo + ROWS_PER_PROGRAM, T)
-        if start < end:
-            b = (bh // H).to(tl.int64)
-            h = bh % H
-            q_base = q_ptr + b * stride_qb + h.to(tl.int64) * stride_qh
-            k_base = k_ptr + b * stride_kb + (h // G).to(tl.int64) * stride_kh
-            r = tl.arange(0, ROWS)
-            c = tl.arange(0, DISTS)
-            dims = tl.arange(0, BLOCK_D)
-            dist = d0 + r[:, None] + c[None, :]
-            acc = tl.zeros([ROWS, DISTS], tl.float32)
-            for i0 in range(start, end, ROWS):
-                rows = i0 + r
-                keys = i0 - d0 - c
-                row_ok = rows < T
-                q = tl.load(q_base + rows[:, None] * stride_qt + dims[None, :] * stride_qd,
-                            mask=row_ok[:, None] & (dims[None, :] < HEAD_DIM), other=0.0)
-                key_ok = (keys >= 0) & (keys < T)
-                k_t = tl.load(k_base + keys[None, :] * stride_kt + dims[:, None] * stride_kd,
-                              mask=key_ok[None, :] & (dims[:, None] < HEAD_DIM), other=0.0)
-                if DOT_FP32:
-                    q = q.to(tl.float32)
-                    k_t = k_t.to(tl.float32)
-                s = tl.dot(q, k_t, input_precision=PRECISION) * qk_scale
-                m_row = tl.load(m_ptr + bh * T + rows, mask=row_ok, other=0.0)
-                l_row = tl.load(l_ptr + bh * T + rows, mask=row_ok, other=1.0)
-                factor = tl.minimum(rows + 1, window).to(tl.float32) / l_row
-                visible = row_ok[:, None] & key_ok[None, :] & (dist >= 0) & (dist < window)
-                s = tl.where(visible, s - m_row[:, None], float("-inf"))
-                acc += tl.exp2(s) * factor[:, None]
-            tl.atomic_add(out_ptr + bh * T + dist, acc, mask=(dist >= 0) & (dist < window),
-                          sem="relaxed")
-
-    return {"triton": triton, "row_stats": row_stats_kernel, "distance_bins": distance_bins_kernel}
+    return {"triton": triton, "row_stats": dense_triton.row_stats_kernel,
+            "distance_bins": dense_triton.distance_bins_kernel}
 
 
 def triton_available() -> bool:
@@ -363,11 +270,14 @@ def _distance_bins_triton(query: torch.Tensor, key: torch.Tensor, scaling: float
 
 def dense_profile_triton(query: torch.Tensor, key: torch.Tensor, scaling: float | None,
                          sliding_window: int | None = None, *,
-                         blocks: TritonBlocks | None = None) -> torch.Tensor:
+                         blocks: TritonBlocks | None = None,
+                         logsumexp: torch.Tensor | None = None) -> torch.Tensor:
     """Triton implementation of the dense profile, (B, H, T) float32, O(T) extra memory.
 
     Pass 1 stores each row's softmax max and sum ((B, H, T) each); pass 2 recomputes the
     scores tile by tile and bins n_i · P[i, j] by distance into a (B, H, T) fp32 buffer.
+    `logsumexp` (B, H, T), natural log, as flash attention returns it beside its output, is
+    exactly what pass 1 would compute: given it, pass 1 is skipped (max = logsumexp, sum = 1).
     Inputs stay in their dtype (fp16/bf16 products are exact in the fp32 accumulator; fp32
     inputs use IEEE fp32 dots, not TF32). Any strides are accepted, so transposed views
     from (B, T, H, D) projections need no copy. Sums of floats reach the output through
@@ -384,24 +294,33 @@ def dense_profile_triton(query: torch.Tensor, key: torch.Tensor, scaling: float 
     if query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         query, key = query.float(), key.float()
     blocks = blocks or TritonBlocks.for_dtype(query.dtype, query.shape[3])
-    row_max, row_sum = _row_stats_triton(query, key, scaling, window, blocks)
+    if logsumexp is None:
+        row_max, row_sum = _row_stats_triton(query, key, scaling, window, blocks)
+    else:
+        if logsumexp.shape != query.shape[:3]:
+            raise ValueError(f"logsumexp must be (B, H, T) = {tuple(query.shape[:3])}, got {tuple(logsumexp.shape)}")
+        row_max = (logsumexp.float() * math.log2(math.e)).reshape(-1)      # pass 2 works in log2 units
+        row_sum = torch.ones_like(row_max)
     return _finish(_distance_bins_triton(query, key, scaling, window, blocks, row_max, row_sum), window)
 
 
 def dense_profile(query: torch.Tensor, key: torch.Tensor, scaling: float | None,
                   sliding_window: int | None = None,
-                  backend: Literal["auto", "triton", "torch"] = "auto") -> torch.Tensor:
+                  backend: Literal["auto", "triton", "torch"] = "auto",
+                  logsumexp: torch.Tensor | None = None) -> torch.Tensor:
     """Dense distance profile (B, H, T) float32; see the module docstring for the definition.
 
     backend="auto" runs the Triton kernels on CUDA tensors when triton imports and the
-    chunked torch reference otherwise; "triton" or "torch" force one.
+    chunked torch reference otherwise; "triton" or "torch" force one. `logsumexp`, the
+    rows' softmax normalisers from the layer's own flash attention, saves the kernels a
+    pass; the reference computes its own.
     """
     if backend == "torch":
         return dense_profile_reference(query, key, scaling, sliding_window)
     if backend == "triton":
-        return dense_profile_triton(query, key, scaling, sliding_window)
+        return dense_profile_triton(query, key, scaling, sliding_window, logsumexp=logsumexp)
     if backend != "auto":
         raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
     if query.is_cuda and triton_available():
-        return dense_profile_triton(query, key, scaling, sliding_window)
+        return dense_profile_triton(query, key, scaling, sliding_window, logsumexp=logsumexp)
     return dense_profile_reference(query, key, scaling, sliding_window)

@@ -2,6 +2,7 @@
 
 - the Triton kernels on hardware against the chunked torch reference (fp32, fp16, bf16; MHA,
   GQA, sliding window; lengths past one tile and up to 8K);
+- flash attention's logsumexp, which lets the dense kernels skip their first pass;
 - a whole capture on the GPU (tail and dense) against the same model's capture on the CPU, whose
   paths are checked against eager attention weights in test_capture.py;
 - a model split across devices (`device_map`): layers on two GPUs (the kernels launched on each
@@ -43,6 +44,34 @@ def test_triton_kernel_matches_reference_on_gpu(dtype, heads, kv_heads, length, 
     torch.testing.assert_close(got[seen], want[seen], rtol=2e-4, atol=1e-5)
 
 
+def test_flash_logsumexp_on_gpu():
+    """The flash path of the dense capture: its output is SDPA's, its logsumexp is the scores' log-
+    normaliser, and the kernels given that logsumexp (pass 1 skipped) match the reference."""
+    from types import SimpleNamespace
+
+    import torch.nn.functional as F
+    query, key = (t.to("cuda", torch.bfloat16) for t in random_qk(1, 8, 2, 1000, 64))
+    value = torch.randn_like(key)
+    scale = 64 ** -0.5
+    flash = cap.flash_with_logsumexp(SimpleNamespace(is_causal=True), query, key, value, None, 0.0, scale, {})
+    assert flash is not None
+    output, lse = flash
+    keys, values = key.repeat_interleave(4, 1), value.repeat_interleave(4, 1)
+    want = F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scale).transpose(1, 2)
+    torch.testing.assert_close(output, want, rtol=2e-2, atol=2e-2)          # bf16 outputs
+    scores = query.float() @ keys.float().transpose(-1, -2) * scale
+    hidden = torch.ones(1000, 1000, dtype=torch.bool, device="cuda").triu(1)
+    torch.testing.assert_close(lse, scores.masked_fill(hidden, float("-inf")).logsumexp(-1), rtol=1e-5, atol=1e-4)
+    got = dense_profile_triton(query, key, scale, logsumexp=lse)
+    reference = dense_profile_reference(query, key, scale)
+    torch.testing.assert_close(got[~reference.isnan()], reference[~reference.isnan()], rtol=2e-4, atol=1e-5)
+    # where flash does not apply, the caller gets None and takes the SDPA path
+    assert cap.flash_with_logsumexp(SimpleNamespace(is_causal=True), query, key, value, None, 0.0, scale,
+                                    {"sliding_window": 64}) is None
+    assert cap.flash_with_logsumexp(SimpleNamespace(is_causal=True), query.float(), key.float(), value.float(),
+                                    None, 0.0, scale, {}) is None
+
+
 def capture_on(model: torch.nn.Module, ids: np.ndarray, estimator: str) -> cap.Capture:
     cap.register()
     model.set_attn_implementation(cap.ATTN_NAME)
@@ -70,7 +99,14 @@ def test_half_precision_model_dense_kernel_equals_reference(monkeypatch, dtype, 
     import profiler.dense as dense
     ids = np.random.default_rng(8).integers(0, 300, size=(2, 200))
     model = tiny_model(kind, num_key_value_heads=2, **extra).to("cuda", dtype)
+    flash_calls = []
+    real_flash = cap.flash_with_logsumexp
+    monkeypatch.setattr(cap, "flash_with_logsumexp",
+                        lambda *args: flash_calls.append(real_flash(*args)) or flash_calls[-1])
     with_kernel = capture_on(model, ids, "dense")
+    # without a window each layer's logsumexp comes from flash attention; with one, from pass 1
+    assert len(flash_calls) == 2 * 2             # 2 layers × 2 probes, one forward each
+    assert all((f is None) == ("sliding_window" in extra) for f in flash_calls)
     monkeypatch.setattr(dense, "triton_available", lambda: False)
     with_reference = capture_on(model, ids, "dense")
     np.testing.assert_allclose(with_kernel.A, with_reference.A, rtol=2e-4, atol=1e-5)

@@ -1,0 +1,143 @@
+"""The dense estimator's two Triton kernels (see dense.py for the definition and the launchers).
+
+Imported only when triton is installed. Pass 1 (`row_stats_kernel`) stores each query's softmax
+max and sum flash-style; pass 2 (`distance_bins_kernel`) recomputes the scores tile by tile and
+accumulates n_i · P[i, i − d] by distance, in registers, with one atomic add per program.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def row_stats_kernel(q_ptr, k_ptr, m_ptr, l_ptr, T, H, G, window, qk_scale,
+                     stride_qb, stride_qh, stride_qt, stride_qd,
+                     stride_kb, stride_kh, stride_kt, stride_kd,
+                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
+    # Pass 1, flash style: online row max m_i and sum l_i of 2^(score·log2 e) over
+    # the visible keys of BLOCK_M queries. Scores are in log2 units (qk_scale has log2 e).
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    q_base = q_ptr + b * stride_qb + h.to(tl.int64) * stride_qh
+    k_base = k_ptr + b * stride_kb + (h // G).to(tl.int64) * stride_kh
+    row_start = pid_m * BLOCK_M
+    rows = row_start + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    q = tl.load(q_base + rows[:, None] * stride_qt + dims[None, :] * stride_qd,
+                mask=(rows[:, None] < T) & (dims[None, :] < HEAD_DIM), other=0.0)
+    if DOT_FP32:
+        q = q.to(tl.float32)
+    m = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l = tl.zeros([BLOCK_M], tl.float32)
+    lo = tl.maximum(row_start - window + 1, 0) // BLOCK_N * BLOCK_N
+    hi = tl.minimum(row_start + BLOCK_M, T)
+    for n0 in range(lo, hi, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        k_t = tl.load(k_base + cols[None, :] * stride_kt + dims[:, None] * stride_kd,
+                      mask=(cols[None, :] < T) & (dims[:, None] < HEAD_DIM), other=0.0)
+        if DOT_FP32:
+            k_t = k_t.to(tl.float32)
+        s = tl.dot(q, k_t, input_precision=PRECISION) * qk_scale
+        visible = (cols[None, :] <= rows[:, None]) & (cols[None, :] > rows[:, None] - window)
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        l = l * tl.exp2(m - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
+        m = m_new
+    row_ok = rows < T
+    tl.store(m_ptr + bh * T + rows, m, mask=row_ok)
+    tl.store(l_ptr + bh * T + rows, l, mask=row_ok)
+
+@triton.jit
+def bins_tile(acc, q_base, k_base, m_ptr, l_ptr, bh, i0, d0, T, window, qk_scale,
+              stride_qt, stride_qd, stride_kt, stride_kd,
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr, DISTS: tl.constexpr,
+              PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, EDGE: tl.constexpr):
+    # One ROWS × DISTS tile of pass 2: query i0 + r against key i0 − d0 − c. EDGE tiles may
+    # hold rows past T, keys before 0 or distances outside [0, window) and are masked; the
+    # others (most of them) need no masks.
+    r = tl.arange(0, ROWS)
+    c = tl.arange(0, DISTS)
+    dims = tl.arange(0, BLOCK_D)
+    rows = i0 + r
+    keys = i0 - d0 - c
+    dim_ok = dims < HEAD_DIM
+    if EDGE:
+        row_ok = rows < T
+        key_ok = (keys >= 0) & (keys < T)
+        q = tl.load(q_base + rows[:, None] * stride_qt + dims[None, :] * stride_qd,
+                    mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+        k_t = tl.load(k_base + keys[None, :] * stride_kt + dims[:, None] * stride_kd,
+                      mask=key_ok[None, :] & dim_ok[:, None], other=0.0)
+        m_row = tl.load(m_ptr + bh * T + rows, mask=row_ok, other=0.0)
+        l_row = tl.load(l_ptr + bh * T + rows, mask=row_ok, other=1.0)
+    else:
+        q = tl.load(q_base + rows[:, None] * stride_qt + dims[None, :] * stride_qd,
+                    mask=dim_ok[None, :], other=0.0)
+        k_t = tl.load(k_base + keys[None, :] * stride_kt + dims[:, None] * stride_kd,
+                      mask=dim_ok[:, None], other=0.0)
+        m_row = tl.load(m_ptr + bh * T + rows)
+        l_row = tl.load(l_ptr + bh * T + rows)
+    if DOT_FP32:
+        q = q.to(tl.float32)
+        k_t = k_t.to(tl.float32)
+    s = tl.dot(q, k_t, input_precision=PRECISION) * qk_scale - m_row[:, None]
+    if EDGE:
+        dist = d0 + r[:, None] + c[None, :]
+        visible = row_ok[:, None] & key_ok[None, :] & (dist >= 0) & (dist < window)
+        s = tl.where(visible, s, float("-inf"))
+    factor = tl.minimum(rows + 1, window).to(tl.float32) / l_row
+    return acc + tl.exp2(s) * factor[:, None]
+
+@triton.jit
+def distance_bins_kernel(q_ptr, k_ptr, m_ptr, l_ptr, out_ptr, T, H, G, window, qk_scale,
+                         stride_qb, stride_qh, stride_qt, stride_qd,
+                         stride_kb, stride_kh, stride_kt, stride_kd,
+                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                         ROWS: tl.constexpr, DISTS: tl.constexpr, ROWS_PER_PROGRAM: tl.constexpr,
+                         PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
+    # Pass 2: queries q_lo … q_lo+ROWS_PER_PROGRAM−1 in tiles of ROWS rows starting at
+    # multiples i0 of ROWS. Tile row r, column c pairs query i0 + r with key i0 − d0 − c,
+    # i.e. distance d0 + r + c whatever i0 is, so the weights accumulate in registers and
+    # reach memory once per program (ROWS·DISTS atomics), not once per (query, key) pair.
+    # Each visible pair (i, d) lands in exactly one program: r = i mod ROWS and d0 the
+    # multiple of DISTS in (d − r − DISTS, d − r], hence d0 starts at −DISTS.
+    pid_d = tl.program_id(0)
+    pid_q = tl.program_id(1)
+    bh = tl.program_id(2)
+    d0 = (pid_d - 1) * DISTS
+    q_lo = pid_q * ROWS_PER_PROGRAM
+    start = tl.maximum(q_lo, d0)          # a query i < d0 sees no key at distance ≥ d0
+    end = tl.minimum(q_lo + ROWS_PER_PROGRAM, T)
+    if start < end:
+        b = (bh // H).to(tl.int64)
+        h = bh % H
+        q_base = q_ptr + b * stride_qb + h.to(tl.int64) * stride_qh
+        k_base = k_ptr + b * stride_kb + (h // G).to(tl.int64) * stride_kh
+        # Tiles i0 in [mid_lo, mid_hi) need no masks: every distance in [0, window), every
+        # key ≥ 0 (i0 ≥ d0 + DISTS − 1; d0 + DISTS is the first multiple of ROWS there) and
+        # every row < T. The edge tiles before and after them are masked.
+        mid_lo = end
+        mid_hi = end
+        if (d0 >= 0) & (d0 + ROWS + DISTS - 2 < window):
+            mid_lo = tl.minimum(tl.maximum(start, d0 + DISTS), end)
+            mid_hi = tl.maximum(mid_lo, tl.minimum(end, T - ROWS + 1))
+        resume = mid_lo + (mid_hi - mid_lo + ROWS - 1) // ROWS * ROWS
+        acc = tl.zeros([ROWS, DISTS], tl.float32)
+        for i0 in range(start, mid_lo, ROWS):
+            acc = bins_tile(acc, q_base, k_base, m_ptr, l_ptr, bh, i0, d0, T, window, qk_scale,
+                            stride_qt, stride_qd, stride_kt, stride_kd,
+                            HEAD_DIM, BLOCK_D, ROWS, DISTS, PRECISION, DOT_FP32, True)
+        for i0 in range(mid_lo, mid_hi, ROWS):
+            acc = bins_tile(acc, q_base, k_base, m_ptr, l_ptr, bh, i0, d0, T, window, qk_scale,
+                            stride_qt, stride_qd, stride_kt, stride_kd,
+                            HEAD_DIM, BLOCK_D, ROWS, DISTS, PRECISION, DOT_FP32, False)
+        for i0 in range(resume, end, ROWS):
+            acc = bins_tile(acc, q_base, k_base, m_ptr, l_ptr, bh, i0, d0, T, window, qk_scale,
+                            stride_qt, stride_qd, stride_kt, stride_kd,
+                            HEAD_DIM, BLOCK_D, ROWS, DISTS, PRECISION, DOT_FP32, True)
+        dist = d0 + tl.arange(0, ROWS)[:, None] + tl.arange(0, DISTS)[None, :]
+        tl.atomic_add(out_ptr + bh * T + dist, acc, mask=(dist >= 0) & (dist < window),
+                      sem="relaxed")
