@@ -43,6 +43,7 @@ CUDA_CHECK = $(GPU_RUN) -c "import torch, sys; sys.exit(not torch.cuda.is_availa
 	{ echo "no CUDA device visible to $(GPU_PY)"; exit 1; }
 TEE = 2>&1 | tee $(GPU_OUT)
 
+# tune-gpu rewrites profiler/data/triton_blocks.json (tracked) with the tiles it found fastest here.
 tune-gpu:
 	@$(CUDA_CHECK)
 	mkdir -p $(GPU_OUT)

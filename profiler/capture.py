@@ -213,7 +213,7 @@ def flash_with_logsumexp(module, query: torch.Tensor, key: torch.Tensor, value: 
     if not (query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and attention_mask is None
             and dropout == 0.0 and getattr(module, "is_causal", True) and kwargs.get("is_causal", True)
             and all(kwargs.get(name) is None for name in _NOT_FLASH_KWARGS)
-            and 1 < length == key.shape[2] and dim % 8 == 0 and dim <= 256
+            and 1 < length == key.shape[2] and dim % 8 == 0 and dim <= 256 and value.shape[-1] == dim
             and torch.backends.cuda.flash_sdp_enabled()
             and torch.cuda.get_device_capability(query.device) >= (8, 0)):
         return None
@@ -223,6 +223,8 @@ def flash_with_logsumexp(module, query: torch.Tensor, key: torch.Tensor, value: 
     try:
         output, logsumexp = torch.ops.aten._scaled_dot_product_flash_attention(
             query, key, value, 0.0, True, False, scale=scale)[:2]
+    except torch.OutOfMemoryError:
+        raise
     except RuntimeError:                  # this build or GPU lacks the kernel for these inputs
         return None
     if logsumexp.shape != query.shape[:3]:

@@ -278,6 +278,7 @@ def dense_profile_triton(query: torch.Tensor, key: torch.Tensor, scaling: float 
     scores tile by tile and bins n_i · P[i, j] by distance into a (B, H, T) fp32 buffer.
     `logsumexp` (B, H, T), natural log, as flash attention returns it beside its output, is
     exactly what pass 1 would compute: given it, pass 1 is skipped (max = logsumexp, sum = 1).
+    With a sliding window it must be the windowed attention's logsumexp.
     Inputs stay in their dtype (fp16/bf16 products are exact in the fp32 accumulator; fp32
     inputs use IEEE fp32 dots, not TF32). Any strides are accepted, so transposed views
     from (B, T, H, D) projections need no copy. Sums of floats reach the output through
