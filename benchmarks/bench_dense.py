@@ -23,11 +23,12 @@ from profiler.capture import flash_with_logsumexp  # noqa: E402
 from profiler.dense import dense_profile_reference, dense_profile_triton, triton_available  # noqa: E402
 
 
-def milliseconds(fn: Callable[[], object]) -> float:
-    """Median GPU milliseconds (triton's do_bench) on CUDA; best of 3 wall-clock runs on CPU."""
+def milliseconds(fn: Callable[[], object], rep: int = 100) -> float:
+    """Median GPU milliseconds (triton's do_bench, repeating for `rep` ms) on CUDA; best of 3
+    wall-clock runs on CPU."""
     if torch.cuda.is_available():
         import triton.testing
-        return triton.testing.do_bench(fn, warmup=10, rep=100, return_mode="median")
+        return triton.testing.do_bench(fn, warmup=10, rep=rep, return_mode="median")
     fn()
     times = []
     for _ in range(3):

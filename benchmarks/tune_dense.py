@@ -28,6 +28,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from profiler import dense  # noqa: E402
 from profiler.dense import TritonBlocks  # noqa: E402
+from bench_dense import error, milliseconds  # noqa: E402  (this script's folder is on sys.path)
 
 DEVICE = "cuda"
 CHECK_LENGTH = 2048
@@ -41,16 +42,8 @@ BINS = [(16, 64, 256, 8), (16, 64, 1024, 4), (16, 128, 1024, 4), (32, 64, 1024, 
 
 
 def timed_ms(fn) -> float:
-    """Median milliseconds of fn on the GPU (triton's do_bench: warm-up, then repeats)."""
-    import triton.testing
-    return triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")
-
-
-def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    seen = want.isfinite()
-    if not torch.equal(got.isnan(), want.isnan()):
-        return float("inf")
-    return ((got - want).abs() / (1 + want.abs()))[seen].max().item()
+    """Median milliseconds of fn on the GPU."""
+    return milliseconds(fn, rep=60)
 
 
 def qk(heads: int, kv_heads: int, length: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,14 +65,14 @@ def tune_shape(name: str, lengths: list[int], base: TritonBlocks) -> TritonBlock
     for group, keep in ((stats_blocks, ok_stats), (bins_blocks, ok_bins)):
         for blocks in group:
             try:
-                error = relative_error(dense.dense_profile_triton(query, key, scale, blocks=blocks), want)
+                mismatch = error(dense.dense_profile_triton(query, key, scale, blocks=blocks), want)
             except Exception as exc:                  # a tile that does not compile: not a candidate
                 print(f"  {name} {blocks}: failed: {str(exc).splitlines()[0][:100]}", flush=True)
                 continue
-            if error <= 1e-3:
+            if mismatch <= 1e-3:
                 keep.append(blocks)
             else:
-                print(f"  {name} {blocks}: WRONG (error {error:.2e}), dropped", flush=True)
+                print(f"  {name} {blocks}: WRONG (error {mismatch:.2e}), dropped", flush=True)
     stats_total = {b: 0.0 for b in ok_stats}
     bins_total = {b: 0.0 for b in ok_bins}
     for length in lengths:

@@ -44,6 +44,16 @@ def random_qk(batch: int, heads: int, kv_heads: int, length: int, dim: int,
     return query, key
 
 
+def causal_logsumexp(query: torch.Tensor, key: torch.Tensor, scaling: float) -> torch.Tensor:
+    """log Σ_j exp(score_ij) over each query's visible keys, (B, H, T) fp32, from fp32 scores
+    (GQA keys unexpanded): what flash attention returns beside its output."""
+    keys = key.float().repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+    scores = query.float() @ keys.transpose(-1, -2) * scaling
+    length = query.shape[2]
+    hidden = torch.ones(length, length, dtype=torch.bool, device=query.device).triu(1)
+    return scores.masked_fill(hidden, float("-inf")).logsumexp(-1)
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """One torch thread: on a shared 2-core machine, 2 OpenMP threads stall whenever another

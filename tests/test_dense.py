@@ -16,7 +16,7 @@ from typing import Any, Callable
 import pytest
 import torch
 
-from conftest import random_qk
+from conftest import causal_logsumexp, random_qk
 
 from profiler.dense import (
     TritonBlocks,
@@ -187,15 +187,6 @@ def interpreter_cases() -> list[dict[str, Any]]:
 
 def case_id(case: dict[str, Any]) -> str:
     return "-".join(f"{k}={v}" for k, v in case.items())
-
-
-def causal_logsumexp(query: torch.Tensor, key: torch.Tensor, scaling: float) -> torch.Tensor:
-    """log Σ_j exp(score_ij) over each query's visible keys, (B, H, T) fp32, from fp32 scores."""
-    keys = key.float().repeat_interleave(query.shape[1] // key.shape[1], dim=1)
-    scores = query.float() @ keys.transpose(-1, -2) * scaling
-    length = query.shape[2]
-    hidden = torch.ones(length, length, dtype=torch.bool).triu(1)
-    return scores.masked_fill(hidden, float("-inf")).logsumexp(-1)
 
 
 def run_interpreter_case(case: dict[str, Any]) -> dict[str, Any]:
