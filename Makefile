@@ -60,12 +60,13 @@ bench-gpu:
 	@$(CUDA_CHECK)
 	mkdir -p $(GPU_OUT)
 	set -o pipefail; $(GPU_RUN) benchmarks/bench_dense.py 2048 8192 32768 $(TEE)/dense.txt
+	set -o pipefail; $(GPU_RUN) benchmarks/profile_capture.py --length 2048 $(TEE)/profile.txt
 	set -o pipefail; $(GPU_RUN) benchmarks/bench_capture.py --device cuda \
-	  --model benchmarks/configs/smollm2-135m-32k.json --lengths 2048 8192 32768 --num 16 \
+	  --model benchmarks/configs/smollm2-135m-32k.json --lengths 2048 8192 32768 --num 32 \
 	  --methods plain,tail,dense,hooks,paired --json $(GPU_OUT)/capture.json $(TEE)/capture.txt
 	set -o pipefail; $(GPU_RUN) benchmarks/bench_capture.py --device cuda \
-	  --model benchmarks/configs/llama-1b-shape-32k.json --lengths 32768 --num 1 \
-	  --methods plain,tail,dense $(TEE)/capture-1b.txt
+	  --model benchmarks/configs/llama-1b-shape-32k.json --lengths 32768 --num 2 \
+	  --methods paired $(TEE)/capture-1b.txt
 
 clean:
 	rm -rf $(VENV) build *.egg-info

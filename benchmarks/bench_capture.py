@@ -6,7 +6,9 @@ Methods, each in its own child process (so peak memory is its own, under a memor
   dense   attnprof's dense capture (Triton kernel on CUDA, chunked torch on CPU)
   hooks   the usual way: eager attention with output_attentions=True, every T×T map kept
   taf     the TAF diagnose protocol (distances 10…2000, last query, d+50 tokens, one forward each)
-  paired  plain and tail forwards interleaved probe by probe in one process (the fairest ratio)
+  paired  plain, tail and dense forwards interleaved probe by probe in one process (the fairest
+          ratios; the seconds column is all of them together); on CUDA also tail-2pass, the tail
+          capture with SDPA attention and two kernel launches instead of one
 All forward passes compute logits for the last position only (logits_to_keep=1), the same for all.
 Times exclude model loading; peak memory is the process's high-water RSS (or CUDA peak) during
 the timed part. TAF is also reported as the projected time to reach the tail estimator's
@@ -82,11 +84,17 @@ def child(method: str, length: int, num: int, device: str, model_spec: str) -> d
     # timed; on CPU T = 64 (a full-length forward there costs as much as a timed one).
     warm_length = length if cuda else 64
     warm = torch.as_tensor(input_ids[:1, :warm_length], device=model.device)
-    estimator = method if method in ("tail", "dense") else "tail"
-    recorder = cap.recording(cap.Recorder(estimator, cap.default_window(warm_length))) \
-        if impl == cap.ATTN_NAME else contextlib.nullcontext()
-    with recorder, torch.inference_mode():
-        model(input_ids=warm, use_cache=False, logits_to_keep=1)
+    estimators = {"tail": ["tail"], "dense": ["dense"], "paired": [None, "tail", "dense"]}.get(method, ["tail"])
+    if method == "paired" and cuda:       # and the tail's two-launch path (see "tail-2pass" below)
+        fused, cap.attention_with_logsumexp = cap.attention_with_logsumexp, lambda *args, **kwargs: None
+        with cap.recording(cap.Recorder("tail", cap.default_window(warm_length))), torch.inference_mode():
+            model(input_ids=warm, use_cache=False, logits_to_keep=1)
+        cap.attention_with_logsumexp = fused
+    for estimator in estimators:
+        recorder = cap.recording(cap.Recorder(estimator, cap.default_window(warm_length))) \
+            if impl == cap.ATTN_NAME and estimator else contextlib.nullcontext()
+        with recorder, torch.inference_mode():
+            model(input_ids=warm, use_cache=False, logits_to_keep=1)
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -113,25 +121,32 @@ def child(method: str, length: int, num: int, device: str, model_spec: str) -> d
     elif method == "taf":
         curves = cap.capture_taf(model, input_ids)
     elif method == "paired":
-        # plain and tail forwards interleaved probe by probe in one process, so machine drift
-        # hits both alike: with no recorder active the attnprof attention is exactly SDPA
-        plain = tail = 0.0
+        # plain, tail and dense forwards interleaved probe by probe in one process, the order
+        # rotating, so machine drift hits all alike: with no recorder active the attnprof
+        # attention is exactly SDPA. Each ends with its results on the host (a synchronise).
+        # On CUDA also "tail-2pass": the tail capture with the layer's attention through SDPA
+        # and pass 1 on the tail rows, instead of a fused attention's logsumexp and one launch.
+        kinds = ["plain", "tail", "dense"] + (["tail-2pass"] if cuda else [])
+        spent = dict.fromkeys(kinds, 0.0)
+        fused = cap.attention_with_logsumexp
         for n, row in enumerate(input_ids):
             ids = torch.as_tensor(row[None], device=model.device)
-            for kind in (("plain", "tail") if n % 2 == 0 else ("tail", "plain")):
+            for kind in kinds[n % len(kinds):] + kinds[: n % len(kinds)]:
                 t = time.perf_counter()
-                if kind == "tail":
-                    with cap.recording(cap.Recorder("tail", window)) as rec, torch.inference_mode():
-                        model(input_ids=ids, use_cache=False, logits_to_keep=1)
-                    rec.finish()                    # statistics to the host, as capture() does
-                    tail += time.perf_counter() - t
-                else:
+                if kind == "plain":
                     with torch.inference_mode():
                         model(input_ids=ids, use_cache=False, logits_to_keep=1)
                     if cuda:
                         torch.cuda.synchronize()
-                    plain += time.perf_counter() - t
-        result.update(plain_seconds=plain, tail_seconds=tail, ratio=tail / plain)
+                else:
+                    cap.attention_with_logsumexp = (lambda *args, **kwargs: None) if kind == "tail-2pass" else fused
+                    with cap.recording(cap.Recorder(kind.split("-")[0], window)) as rec, torch.inference_mode():
+                        model(input_ids=ids, use_cache=False, logits_to_keep=1)
+                    rec.finish()                    # statistics to the host, as capture() does
+                    cap.attention_with_logsumexp = fused
+                spent[kind] += time.perf_counter() - t
+        result.update({f"{k}_seconds": v for k, v in spent.items()},
+                      ratios={k: v / spent["plain"] for k, v in spent.items() if k != "plain"})
     if cuda:
         torch.cuda.synchronize()
     result["seconds"] = time.perf_counter() - t0
@@ -207,8 +222,8 @@ def main() -> None:
             ratio = f"{r['seconds'] / base:8.2f}" if base else "       -"
             extra = f"  {r['gamma']:.3f} (±{r['ci_half_width']:.3f})" if "gamma" in r else ""
             if m == "paired":
-                extra = (f"  interleaved: plain {r['plain_seconds']:.2f} s, tail {r['tail_seconds']:.2f} s, "
-                         f"tail/plain = {r['ratio']:.2f}")
+                extra = ("  interleaved: " + ", ".join(f"{k} {r[k + '_seconds']:.2f} s" for k in ["plain", *r["ratios"]])
+                         + "; " + ", ".join(f"{k}/plain = {v:.2f}" for k, v in r["ratios"].items()))
             cuda = f"  cuda {r['peak_cuda_mb']:.0f} MB" if "peak_cuda_mb" in r else ""
             print(f"  {m:7s} {r['seconds']:9.2f} {ratio} {r['peak_rss_mb']:12.0f}{extra}{cuda}")
         tail, taf = rows.get("tail", {}), rows.get("taf", {})

@@ -1,12 +1,18 @@
-"""Micro-benchmark of the dense estimator at SmolLM2-135M's attention shape (H=9, KV=3, D=64).
+"""Micro-benchmark of the attention kernels at SmolLM2-135M's attention shape (H=9, KV=3, D=64).
 
 On CPU it times the chunked torch reference. On a CUDA machine with triton it also times, in bf16:
-  triton     both Triton passes (row statistics, then distance bins)
-  pass 2     the distance-bins pass alone, given flash attention's logsumexp (what a dense
-             capture runs where flash applies: the layer's attention is computed anyway)
-  sdpa       the layer's own attention forward (F.scaled_dot_product_attention, causal)
-  flash+lse  the same attention through the flash kernel that also returns the logsumexp
-and checks both kernel paths against the reference (max |a − b| / (1 + |b|)).
+  dense 2-pass   both dense Triton passes (row statistics, then distance bins)
+  dense+tail     the dense sums and the tail statistics (W = 256) in one launch, given the
+                 layer's logsumexp: what a dense capture runs per layer where a fused attention
+                 applies (the layer's attention is computed anyway)
+  tail           the tail statistics alone given the logsumexp (a tail capture, one launch);
+                 tail 2-pass without it (pass 1 on the tail rows); tail torch, the torch path
+  sdpa           the layer's own attention forward, as transformers calls it (GQA unexpanded)
+  <backend>+lse  the same attention through PyTorch's cuDNN (GQA in the kernel, or expanded)
+                 or flash kernel, which also return the logsumexp (what a capture runs instead)
+and checks the kernel paths against the references (max |a − b| / (1 + |b|)). Then, at T = 256,
+where a GPU is idle between launches, the host time per call of each (wall clock over 200 calls):
+what a capture adds per layer to a forward pass that is bound by kernel launches.
 Usage: python benchmarks/bench_dense.py [T ...]
 """
 import sys
@@ -19,8 +25,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from profiler.capture import flash_with_logsumexp  # noqa: E402
-from profiler.dense import dense_profile_reference, dense_profile_triton, triton_available  # noqa: E402
+from profiler.capture import (LSE_BACKENDS, Recorder, attention_with_logsumexp, recording,  # noqa: E402
+                              tail_stats_torch)
+from profiler.dense import (dense_profile_reference, dense_profile_triton, profile_triton,  # noqa: E402
+                            tail_profile_triton, triton_available)
 
 
 def milliseconds(fn: Callable[[], object], rep: int = 100) -> float:
@@ -46,41 +54,98 @@ def error(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got - want).abs() / (1 + want.abs()))[seen].max().item()
 
 
+def lse_attention(backend: str) -> Callable:
+    """attention_with_logsumexp through one backend, for timing."""
+    layer = SimpleNamespace(is_causal=True)
+    return lambda q, k, v, scale: attention_with_logsumexp(layer, q, k, v, None, 0.0, scale, {}, backends=(backend,))
+
+
+def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """The layer's attention as transformers' sdpa path runs it without a mask (GQA in SDPA)."""
+    return F.scaled_dot_product_attention(query, key, value, is_causal=True, enable_gqa=True)
+
+
+def host_microseconds(fn: Callable[[], object], calls: int = 200) -> float:
+    """Wall-clock microseconds per call, calls queued back to back, one synchronise at the end."""
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / calls * 1e6
+
+
 def main(lengths: list[int]) -> None:
-    heads, kv_heads, dim = 9, 3, 64
+    heads, kv_heads, dim, window = 9, 3, 64, 256
     cuda = torch.cuda.is_available() and triton_available()
     header = f"{'T':>6} {'device':>6} {'reference ms':>13}"
     if cuda:
-        header += (f" {'triton ms':>10} {'pass 2 ms':>10} {'sdpa ms':>8} {'flash+lse':>10}"
-                   f" {'triton/sdpa':>12} {'pass2/sdpa':>11} {'max err':>8} {'err lse':>8}")
+        header += (f" {'dense 2-pass':>12} {'dense+tail':>10} {'tail':>8} {'tail 2-pass':>11} {'tail torch':>10}"
+                   f" {'sdpa':>8}" + "".join(f" {name + '+lse':>14}" for name in LSE_BACKENDS) +
+                   f" {'(dense+tail)/sdpa':>17} {'err dense':>9} {'err lse':>8} {'err tail':>8}")
+        warm = torch.randn(4096, 4096, device="cuda")
+        for _ in range(200):              # a second of work: clocks up before the first timing
+            warm @ warm
+        del warm
     print(header)
+    scale = dim ** -0.5
     for length in lengths:
         device = "cuda" if cuda else "cpu"
         dtype = torch.bfloat16 if cuda else torch.float32
         query = torch.randn(1, heads, length, dim, device=device, dtype=dtype)
         key = torch.randn(1, kv_heads, length, dim, device=device, dtype=dtype)
-        scale = dim ** -0.5
         ref = milliseconds(lambda: dense_profile_reference(query, key, scale))
         row = f"{length:>6} {device:>6} {ref:>13.1f}"
         if cuda:
             value = torch.randn_like(key)
-            layer = SimpleNamespace(is_causal=True)
-            flash = flash_with_logsumexp(layer, query, key, value, None, 0.0, scale, {})
-            if flash is None:
-                sys.exit("PyTorch's flash attention does not run here (it needs sm_80 or newer)")
-            lse = flash[1]
+            fused = {name: lse_attention(name) for name in LSE_BACKENDS}
+            lse = next((out[1] for out in (f(query, key, value, scale) for f in fused.values()) if out), None)
+            if lse is None:
+                sys.exit("no fused attention with a logsumexp runs here (they need sm_80 or newer)")
+            fused_ms = {name: (milliseconds(lambda: f(query, key, value, scale))
+                               if f(query, key, value, scale) else float("nan")) for name, f in fused.items()}
             both = milliseconds(lambda: dense_profile_triton(query, key, scale))
-            second = milliseconds(lambda: dense_profile_triton(query, key, scale, logsumexp=lse))
-            values = value.repeat_interleave(heads // kv_heads, 1)
-            keys = key.repeat_interleave(heads // kv_heads, 1)
-            sdpa = milliseconds(lambda: F.scaled_dot_product_attention(query, keys, values, is_causal=True))
-            flash = milliseconds(lambda: flash_with_logsumexp(layer, query, key, value, None, 0.0, scale, {}))
+            one_launch = milliseconds(lambda: profile_triton(query, key, scale, tail_window=window, logsumexp=lse))
+            tail = milliseconds(lambda: tail_profile_triton(query, key, scale, window, logsumexp=lse))
+            tail_two = milliseconds(lambda: tail_profile_triton(query, key, scale, window))
+            tail_torch = milliseconds(lambda: tail_stats_torch(query, key, scale, None, window))
+            plain = milliseconds(lambda: sdpa(query, key, value))
             want = dense_profile_reference(query, key, scale)
-            row += (f" {both:>10.3f} {second:>10.3f} {sdpa:>8.3f} {flash:>10.3f} {both / sdpa:>12.2f}"
-                    f" {second / sdpa:>11.2f}"
-                    f" {error(dense_profile_triton(query, key, scale), want):>8.1e}"
-                    f" {error(dense_profile_triton(query, key, scale, logsumexp=lse), want):>8.1e}")
+            torch_tail = tail_stats_torch(query, key, scale, None, window)
+            dense, got_tail = profile_triton(query, key, scale, tail_window=window, logsumexp=lse)
+            tail_err = max(error(got, getattr(torch_tail, f)) for got, f in zip(got_tail, ("A", "sink", "entropy")))
+            row += (f" {both:>12.3f} {one_launch:>10.3f} {tail:>8.3f} {tail_two:>11.3f} {tail_torch:>10.3f}"
+                    f" {plain:>8.3f}" + "".join(f" {fused_ms[name]:>14.3f}" for name in LSE_BACKENDS) +
+                    f" {one_launch / plain:>17.2f} {error(dense_profile_triton(query, key, scale), want):>9.1e}"
+                    f" {error(dense, want):>8.1e} {tail_err:>8.1e}")
         print(row, flush=True)
+    if cuda:
+        length = 256
+        query = torch.randn(1, heads, length, dim, device="cuda", dtype=torch.bfloat16)
+        key, value = (torch.randn(1, kv_heads, length, dim, device="cuda", dtype=torch.bfloat16) for _ in "kv")
+        lse = next(out[1] for out in (lse_attention(n)(query, key, value, scale) for n in LSE_BACKENDS) if out)
+        print(f"\nhost time per call at T = {length}, W = 32 (us): the GPU waits for the host here")
+        for name, fn in [("sdpa (the plain layer's attention)", lambda: sdpa(query, key, value)),
+                         *[(f"{n}+lse", lambda f=lse_attention(n): f(query, key, value, scale)) for n in LSE_BACKENDS],
+                         ("tail given lse (1 launch)", lambda: tail_profile_triton(query, key, scale, 32, logsumexp=lse)),
+                         ("tail, 2 launches", lambda: tail_profile_triton(query, key, scale, 32)),
+                         ("tail, torch", lambda: tail_stats_torch(query, key, scale, None, 32)),
+                         ("dense+tail given lse (1 launch)",
+                          lambda: profile_triton(query, key, scale, tail_window=32, logsumexp=lse)),
+                         ("dense+tail, 2 launches", lambda: profile_triton(query, key, scale, tail_window=32)),
+                         ("capture's whole layer, tail", lambda: capture_layer(query, key, value, scale, "tail")),
+                         ("capture's whole layer, dense", lambda: capture_layer(query, key, value, scale, "dense"))]:
+            print(f"  {name:36s} {host_microseconds(fn):8.1f}", flush=True)
+
+
+def capture_layer(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
+                  estimator: str) -> torch.Tensor:
+    """What one layer's attention costs inside a capture: the registered attention function."""
+    from profiler.capture import _attnprof_attention
+    layer = SimpleNamespace(is_causal=True, layer_idx=0)
+    with recording(Recorder(estimator, 32)):
+        return _attnprof_attention(layer, query, key, value, None, scaling=scale)[0]
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@ The streaming path registers an attention function named "attnprof" with transfo
 `AttentionInterface`. Each attention layer hands it post-RoPE queries (B, H, T, D) and keys
 (B, KV, T, D); it computes the statistics for the last W queries (the tail window), then returns
 the normal SDPA output, so the forward pass is the model's own. Memory is O(W·T) per block of
-heads; no T×T map is ever built. The fallback path hooks eager attention modules and reduces the
+heads; no T×T map is ever built. On CUDA the layer's attention runs through PyTorch's cuDNN or
+flash kernel instead, whose per-row logsumexp lets one Triton launch (dense.py) compute the
+statistics in O(T) memory. The fallback path hooks eager attention modules and reduces the
 weights they return with the same reduction; the two agree (tests/test_capture.py).
 
 Tail-window estimator, for a probe of length T and queries i in [T-W, T):
@@ -104,12 +106,43 @@ def reduce_tail(probs: torch.Tensor, visible_count: torch.Tensor, plogp_sum: tor
     return LayerStats(A, sink, local, entropy)
 
 
+def layer_stats(query: torch.Tensor, key: torch.Tensor, scaling: float, mask: torch.Tensor | None,
+                window: int, dense: bool = False, sliding_window: int | None = None,
+                logsumexp: torch.Tensor | None = None) -> LayerStats:
+    """One attention layer's statistics from post-RoPE queries and (unexpanded GQA) keys: the
+    tail window's, with A replaced by the dense profile when `dense`.
+
+    On CUDA, for causal attention (no mask), Triton kernels (dense.py) compute them in one pass
+    over the scores: one launch per layer given the layer's `logsumexp` (from its fused
+    attention), two without. A GPU forward pass is bound by launches up to several thousand
+    tokens, and the torch path takes thirty. Elsewhere, or with a mask: `tail_stats_torch` and
+    `dense_profile`. The paths agree (tests/test_dense.py, tests/test_gpu.py)."""
+    from .dense import dense_counts, dense_profile, profile_triton, triton_available
+    if mask is None and query.is_cuda and query.shape[2] > 1 and triton_available():
+        profile, (A, sink, entropy) = profile_triton(query, key, scaling, dense=dense, tail_window=window,
+                                                     sliding_window=sliding_window, logsumexp=logsumexp)
+        return LayerStats(profile if dense else A, sink, A[..., : rules.LOCAL_MAX_DISTANCE + 1].sum(dim=-1),
+                          entropy)
+    stats = tail_stats_torch(query, key, scaling, mask, window)
+    if dense:
+        stats.A = dense_profile(query, key, scaling, sliding_window=sliding_window, logsumexp=logsumexp)
+        if sliding_window is not None and sliding_window < query.shape[2]:
+            unseen = dense_counts(query.shape[2], sliding_window, device=stats.A.device) == 0
+            stats.A = stats.A.masked_fill(unseen, 0.0)    # beyond a sliding window: no attention
+    return stats
+
+
 def tail_stats(query: torch.Tensor, key: torch.Tensor, scaling: float, mask: torch.Tensor | None,
                window: int) -> LayerStats:
-    """Tail-window statistics straight from post-RoPE queries and (unexpanded GQA) keys.
+    """Tail-window statistics (see `layer_stats`): Triton kernels on CUDA, torch elsewhere."""
+    return layer_stats(query, key, scaling, mask, window)
 
-    Query heads that share a key/value head are multiplied against it in one matmul (no
-    expanded copy of the keys); blocks of key/value heads keep the scores under HEAD_BLOCK_BYTES."""
+
+def tail_stats_torch(query: torch.Tensor, key: torch.Tensor, scaling: float, mask: torch.Tensor | None,
+                     window: int) -> LayerStats:
+    """Tail-window statistics in torch (CPU, masks, or no triton). Query heads that share a
+    key/value head are multiplied against it in one matmul (no expanded copy of the keys);
+    blocks of key/value heads keep the scores under HEAD_BLOCK_BYTES."""
     batch, heads, length, dim = query.shape
     kv_heads = key.shape[1]
     groups = heads // kv_heads
@@ -162,12 +195,8 @@ class Recorder:
 
     def record(self, module, query, key, mask, scaling, sliding_window=None, logsumexp=None) -> None:
         idx = self.layer_index(module)
-        stats = tail_stats(query, key, scaling, mask, self.window)
-        if self.estimator == "dense":
-            from .dense import dense_counts, dense_profile
-            dense = dense_profile(query, key, scaling, sliding_window=sliding_window, logsumexp=logsumexp)
-            unseen = dense_counts(query.shape[2], sliding_window, device=dense.device) == 0   # no host copy
-            stats.A = dense.masked_fill(unseen, 0.0)    # beyond a sliding window: no attention
+        stats = layer_stats(query, key, scaling, mask, self.window, self.estimator == "dense", sliding_window,
+                            logsumexp)
         self.store(idx, stats)
 
     def store(self, idx: int, stats: LayerStats) -> None:
@@ -181,8 +210,14 @@ class Recorder:
         by_device: dict[torch.device, list[int]] = {}
         for idx in sorted(self.layers):
             by_device.setdefault(self.layers[idx].A.device, []).append(idx)
-        for indices in by_device.values():
-            host = {f: torch.stack([getattr(self.layers[i], f) for i in indices]).cpu() for f in STAT_FIELDS}
+        for device, indices in by_device.items():
+            # from a GPU into pinned memory (non_blocking allocates it), then one wait: pageable
+            # copies ran at ~2 GB/s, 20 ms per forward pass for A at T = 32K
+            cuda = device.type == "cuda"
+            host = {f: torch.stack([getattr(self.layers[i], f) for i in indices]).to("cpu", non_blocking=cuda)
+                    for f in STAT_FIELDS}
+            if cuda:
+                torch.cuda.current_stream(device).synchronize()
             for k, idx in enumerate(indices):
                 self.layers[idx] = LayerStats(*(host[f][k] for f in STAT_FIELDS))
         for idx in sorted(self.layers):
@@ -195,54 +230,94 @@ class Recorder:
 _ACTIVE: list[Recorder] = []
 
 
-# Attention features PyTorch's flash kernel does not implement; any of them set means the SDPA path.
-_NOT_FLASH_KWARGS = ("sliding_window", "softcap", "s_aux", "sinks", "position_bias")
+# Attention features PyTorch's fused kernels do not implement; any of them set means the SDPA path.
+_NOT_FUSED_KWARGS = ("sliding_window", "softcap", "s_aux", "sinks", "position_bias")
+
+# PyTorch's fused attention kernels that return the logsumexp beside the output, in the order
+# tried: cuDNN's (what SDPA runs on Hopper GPUs), then flash (FA2). The first that runs for a
+# (device, dtype, head dim) is kept; benchmarks/bench_dense.py times both.
+LSE_BACKENDS = ("cudnn", "flash")
+_CHOSEN: dict[tuple, str | None] = {}
 
 
-def flash_with_logsumexp(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                         attention_mask: torch.Tensor | None, dropout: float, scale: float,
-                         kwargs: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The layer's causal attention through PyTorch's flash-attention kernel, which returns each
-    query's softmax log-normaliser beside the output: ((B, T, H, D) output as sdpa_attention_forward
-    returns it, (B, H, T) fp32 logsumexp). The dense kernels then skip their first pass.
+@functools.cache
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
 
-    None where that kernel does not apply (CPU, fp32, a padding mask, dropout, sliding windows,
-    softcapping, attention sinks, decoding, head dims it lacks); the caller falls back to SDPA.
+
+def _expand_heads(tensor: torch.Tensor, groups: int) -> torch.Tensor:
+    """(B, KV, T, D) → (B, KV·groups, T, D), head h reading kv head h // groups: one copy, by
+    expand and reshape (repeat_interleave may wait for the GPU to size its output)."""
+    if groups == 1:
+        return tensor
+    batch, kv_heads, length, dim = tensor.shape
+    return tensor[:, :, None].expand(batch, kv_heads, groups, length, dim).reshape(
+        batch, kv_heads * groups, length, dim)
+
+
+def _fused_with_logsumexp(backend: str, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    groups = query.shape[1] // key.shape[1]      # both want as many key/value heads as query heads
+    key, value = _expand_heads(key, groups), _expand_heads(value, groups)
+    if backend == "cudnn":
+        result = torch.ops.aten._scaled_dot_product_cudnn_attention(
+            query, key, value, None, True, 0.0, True, False, scale=scale)
+    else:
+        result = torch.ops.aten._scaled_dot_product_flash_attention(
+            query, key, value, 0.0, True, False, scale=scale)
+    return result[0], result[1]
+
+
+def attention_with_logsumexp(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                             attention_mask: torch.Tensor | None, dropout: float, scale: float,
+                             kwargs: dict, backends: tuple[str, ...] = LSE_BACKENDS
+                             ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The layer's causal attention through a fused PyTorch kernel (cuDNN's or flash) that returns
+    each query's softmax log-normaliser beside the output: ((B, T, H, D) output as
+    sdpa_attention_forward returns it, (B, H, T) fp32 logsumexp). The Triton kernels then skip
+    their first pass.
+
+    None where no such kernel applies (CPU, fp32, a padding mask, dropout, sliding windows,
+    softcapping, attention sinks, decoding, head dims they lack); the caller falls back to SDPA.
     """
     length, dim = query.shape[2], query.shape[3]
     if not (query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and attention_mask is None
             and dropout == 0.0 and getattr(module, "is_causal", True) and kwargs.get("is_causal", True)
-            and all(kwargs.get(name) is None for name in _NOT_FLASH_KWARGS)
+            and all(kwargs.get(name) is None for name in _NOT_FUSED_KWARGS)
             and 1 < length == key.shape[2] and dim % 8 == 0 and dim <= 256 and value.shape[-1] == dim
-            and torch.backends.cuda.flash_sdp_enabled()
-            and torch.cuda.get_device_capability(query.device) >= (8, 0)):
+            and _capability(query.device) >= (8, 0)):
         return None
-    groups = query.shape[1] // key.shape[1]
-    if groups > 1:                        # flash wants as many key/value heads as query heads
-        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-    try:
-        output, logsumexp = torch.ops.aten._scaled_dot_product_flash_attention(
-            query, key, value, 0.0, True, False, scale=scale)[:2]
-    except torch.OutOfMemoryError:
-        raise
-    except RuntimeError:                  # this build or GPU lacks the kernel for these inputs
-        return None
-    if logsumexp.shape != query.shape[:3]:
-        return None
-    return output.transpose(1, 2).contiguous(), logsumexp
+    enabled = {"cudnn": torch.backends.cuda.cudnn_sdp_enabled, "flash": torch.backends.cuda.flash_sdp_enabled}
+    where = (query.device, query.dtype, dim, query.shape[1] // key.shape[1] > 1, backends)
+    chosen = _CHOSEN.get(where, "untried")
+    for backend in (backends if chosen == "untried" else [chosen] if chosen else []):
+        if not enabled[backend]():
+            continue
+        try:
+            output, logsumexp = _fused_with_logsumexp(backend, query, key, value, scale)
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError:              # this build or GPU lacks the kernel for these inputs
+            continue
+        if logsumexp.dim() == 4 and logsumexp.shape[-1] == 1:
+            logsumexp = logsumexp.squeeze(-1)
+        if logsumexp.shape != query.shape[:3] or output.shape != query.shape:
+            continue
+        _CHOSEN[where] = backend
+        return output.transpose(1, 2).contiguous(), logsumexp
+    _CHOSEN[where] = None
+    return None
 
 
 def _attnprof_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
                         scaling: float | None = None, **kwargs):
     """The registered attention function: record statistics, then run the model's SDPA attention
-    (or, for the dense estimator on a GPU, flash attention, whose normalisers the kernels reuse)."""
+    (or, on a GPU, a fused attention whose normalisers the kernels reuse)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     if _ACTIVE:
         recorder = _ACTIVE[-1]
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        flash = None
-        if recorder.estimator == "dense":
-            flash = flash_with_logsumexp(module, query, key, value, attention_mask, dropout, scale, kwargs)
+        flash = attention_with_logsumexp(module, query, key, value, attention_mask, dropout, scale, kwargs)
         recorder.record(module, query, key, attention_mask, scale, kwargs.get("sliding_window"),
                         logsumexp=None if flash is None else flash[1])
         if flash is not None:

@@ -20,6 +20,10 @@ Three entry points, all returning a float32 (B, H, T) tensor:
 - `dense_profile_triton`: two Triton kernels (CUDA, or Triton's CPU interpreter with
   TRITON_INTERPRET=1), O(T) extra memory.
 - `dense_profile`: picks one of them.
+`tail_profile_triton` runs the same kernels on the last W queries for the tail-window
+estimator (capture.py), and `profile_triton` computes both from one pass: given the layer's
+logsumexp, a GPU capture costs one kernel launch per layer whatever T (a GPU forward pass is
+bound by launches, not arithmetic, up to several thousand tokens).
 Padding masks are not modelled: every position 0 … T−1 is a real token.
 """
 import contextlib
@@ -36,6 +40,8 @@ import torch.nn.functional as F
 
 __all__ = [
     "TritonBlocks",
+    "profile_triton",
+    "tail_profile_triton",
     "dense_counts",
     "dense_profile",
     "dense_profile_reference",
@@ -84,11 +90,17 @@ def dense_counts(length: int, sliding_window: int | None = None,
     return torch.where(dist < window, length - dist, torch.zeros_like(dist))
 
 
+@functools.lru_cache(maxsize=16)
+def _divisors(length: int, window: int, device: torch.device) -> torch.Tensor:
+    """c(d) as float32, NaN where it is 0: one division then gives the profile and its NaNs.
+    Cached per length and device, so a capture divides with one kernel per layer."""
+    counts = dense_counts(length, window, device=device)
+    return counts.float().masked_fill(counts == 0, float("nan"))
+
+
 def _finish(sums: torch.Tensor, window: int) -> torch.Tensor:
     """Divide the per-distance sums (B, H, T) by c(d); NaN where no query sees that distance."""
-    counts = dense_counts(sums.shape[-1], window, device=sums.device)
-    profile = sums / counts.clamp(min=1).to(sums.dtype)
-    return profile.masked_fill(counts == 0, float("nan"))
+    return sums / _divisors(sums.shape[-1], window, sums.device)
 
 
 def dense_profile_reference(query: torch.Tensor, key: torch.Tensor, scaling: float | None,
@@ -163,8 +175,9 @@ class TritonBlocks:
             raise ValueError("TritonBlocks.dists and rows_per_program must be multiples of rows")
 
     @classmethod
+    @functools.cache
     def for_dtype(cls, dtype: torch.dtype, head_dim: int = 64) -> "TritonBlocks":
-        """The tuned tiles for this input dtype and head dim (see `TUNED_BLOCKS_FILE`)."""
+        """The tuned tiles for this input dtype and head dim (see `TUNED_BLOCKS_FILE`); cached."""
         table = _tuned_blocks()
         if dtype == torch.float32:
             return cls(**table["float32"])
@@ -200,12 +213,15 @@ def triton_available() -> bool:
     return _triton_kernels() is not None
 
 
-def _kernel_constants(dtype: torch.dtype, head_dim: int, blocks: TritonBlocks, interpreted: bool = False
+def _kernel_constants(dtype: torch.dtype, head_dim: int, blocks: TritonBlocks, interpreted: bool = False,
+                      dense: bool = True, tail: bool = False, has_sum: bool = True
                       ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], dict[str, Any]]:
     """Compile-time arguments and launch options of row_stats and of distance_bins.
 
-    Returns (stats constants, bins constants, stats options, bins options). Shared with the
-    tests, which compile the kernels ahead of time for a CUDA target.
+    Returns (stats constants, bins constants, stats options, bins options). Pass 2 computes the
+    dense sums (`dense`), the tail window's statistics (`tail`) or both, and reads row sums
+    from pass 1 unless given a logsumexp (`has_sum` False). Shared with the tests, which compile
+    the kernels ahead of time for a CUDA target.
     """
     # Triton's interpreter keeps bf16 as uint16 and its tl.dot cannot multiply them; upcast
     # there (exact: bf16 × bf16 products are exact in fp32, as in the GPU's fp32 accumulator).
@@ -214,17 +230,19 @@ def _kernel_constants(dtype: torch.dtype, head_dim: int, blocks: TritonBlocks, i
                   PRECISION="ieee" if dtype == torch.float32 or dot_fp32 else "tf32",
                   DOT_FP32=dot_fp32)
     stats = dict(shared, BLOCK_M=blocks.stats_m, BLOCK_N=blocks.stats_n)
-    bins = dict(shared, ROWS=blocks.rows, DISTS=blocks.dists,
-                ROWS_PER_PROGRAM=blocks.rows_per_program)
+    bins = dict(shared, ROWS=blocks.rows, DISTS=blocks.dists, ROWS_PER_PROGRAM=blocks.rows_per_program,
+                DENSE=dense, TAIL=tail, HAS_L=has_sum)
     # No FMA contraction: both passes round score = dot · scale alike, as the reference does.
     return (stats, bins, dict(num_warps=blocks.stats_warps, enable_fp_fusion=False),
             dict(num_warps=blocks.bins_warps, enable_fp_fusion=False))
 
 
-def _runtime_args(query: torch.Tensor, key: torch.Tensor, scaling: float | None, window: int) -> dict[str, Any]:
-    """The kernels' run-time arguments: sizes, the log2-unit logit scale and every stride."""
+def _runtime_args(query: torch.Tensor, key: torch.Tensor, scaling: float | None, window: int,
+                  row_lo: int) -> dict[str, Any]:
+    """The kernels' run-time arguments: sizes, the first query row, the log2-unit logit scale
+    and every stride."""
     return dict(
-        T=query.shape[2], H=query.shape[1], G=query.shape[1] // key.shape[1], window=window,
+        T=query.shape[2], H=query.shape[1], G=query.shape[1] // key.shape[1], window=window, row_lo=row_lo,
         qk_scale=_scale(scaling, query.shape[3]) * math.log2(math.e),
         stride_qb=query.stride(0), stride_qh=query.stride(1),
         stride_qt=query.stride(2), stride_qd=query.stride(3),
@@ -240,32 +258,117 @@ def _on_device(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
 
 
 def _row_stats_triton(query: torch.Tensor, key: torch.Tensor, scaling: float | None, window: int,
-                      blocks: TritonBlocks) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pass 1: each row's softmax max and sum in log2 units, (B·H·T,) fp32 each."""
+                      blocks: TritonBlocks, row_lo: int = 0) -> torch.Tensor:
+    """Pass 1 over queries row_lo … T−1: each row's softmax max and sum in log2 units, a
+    (2, B·H·(T − row_lo)) fp32 tensor."""
     kernels = _triton_kernels()
     batch, heads, length, dim = query.shape
-    stats, _, options, _ = _kernel_constants(query.dtype, dim, blocks, interpreted=not query.is_cuda)
-    row_max, row_sum = torch.empty(2, batch * heads * length, dtype=torch.float32, device=query.device)
-    grid = (kernels["triton"].cdiv(length, blocks.stats_m), batch * heads)
+    stats, _, options, _ = _kernel_constants(query.dtype, dim, blocks, not query.is_cuda)
+    rows = torch.empty(2, batch * heads * (length - row_lo), dtype=torch.float32, device=query.device)
+    grid = (kernels["triton"].cdiv(length - row_lo, blocks.stats_m), batch * heads)
     with _on_device(query):
-        kernels["row_stats"][grid](query, key, row_max, row_sum, **_runtime_args(query, key, scaling, window),
-                                   **stats, **options)
-    return row_max, row_sum
+        kernels["row_stats"][grid](query, key, rows[0], rows[1],
+                                   **_runtime_args(query, key, scaling, window, row_lo), **stats, **options)
+    return rows
+
+
+@dataclasses.dataclass
+class Pass2:
+    """What pass 2 returns: `dense` (B, H, T) sums of n_i · P by distance, not yet divided;
+    `tail` (B, H, T) the tail rows' P / W by distance (A(d) for d ≤ T − W); `rowstats`
+    (2, B·H, W): each tail row's Σ p ln p and its P on key 0. None where not asked for."""
+    dense: torch.Tensor | None
+    tail: torch.Tensor | None
+    rowstats: torch.Tensor | None
 
 
 def _distance_bins_triton(query: torch.Tensor, key: torch.Tensor, scaling: float | None, window: int,
-                          blocks: TritonBlocks, row_max: torch.Tensor, row_sum: torch.Tensor) -> torch.Tensor:
-    """Pass 2: per-distance sums of n_i · P[i, i − d], (B, H, T) fp32 (not yet divided by c(d))."""
+                          blocks: TritonBlocks, row_max: torch.Tensor, row_sum: torch.Tensor | None, *,
+                          row_lo: int = 0, dense: bool = True, tail_window: int = 0,
+                          max_scale: float = 1.0) -> Pass2:
+    """Pass 2 over queries row_lo … T−1, P from row_max · max_scale (log2 units) and row_sum
+    (None: 1, as for a logsumexp). `dense`: the dense sums; `tail_window` W > 0: also the tail
+    statistics of the last W rows (causal attention without a sliding window only)."""
     kernels = _triton_kernels()
     batch, heads, length, dim = query.shape
-    _, bins, _, options = _kernel_constants(query.dtype, dim, blocks, interpreted=not query.is_cuda)
-    sums = torch.zeros(batch, heads, length, dtype=torch.float32, device=query.device)
+    _, bins, _, options = _kernel_constants(query.dtype, dim, blocks, not query.is_cuda, dense,
+                                            tail_window > 0, row_sum is not None)
+    bh = batch * heads
+    sizes = [bh * length if dense else 0, bh * length if tail_window else 0, 2 * bh * tail_window]
+    dense_sums, tail_sums, rowstats = torch.zeros(sum(sizes), dtype=torch.float32,
+                                                  device=query.device).split(sizes)
     cdiv = kernels["triton"].cdiv
-    grid = (cdiv(window, blocks.dists) + 1, cdiv(length, blocks.rows_per_program), batch * heads)
+    first_row = row_lo // blocks.rows * blocks.rows
+    grid = (cdiv(window, blocks.dists) + 1, cdiv(length - first_row, blocks.rows_per_program), bh)
     with _on_device(query):
-        kernels["distance_bins"][grid](query, key, row_max, row_sum, sums,
-                                       **_runtime_args(query, key, scaling, window), **bins, **options)
-    return sums
+        kernels["distance_bins"][grid](query, key, row_max, row_max if row_sum is None else row_sum,
+                                       dense_sums, tail_sums, rowstats,
+                                       **_runtime_args(query, key, scaling, window, row_lo),
+                                       tail_lo=length - tail_window, m_scale=max_scale, **bins, **options)
+    shape = (batch, heads, length)
+    return Pass2(dense_sums.view(shape) if dense else None, tail_sums.view(shape) if tail_window else None,
+                 rowstats.view(2, bh, tail_window) if tail_window else None)
+
+
+def _kernel_inputs(query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check the kernels can run here and bring query and key to one dtype they take."""
+    if not query.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 for "
+                         "Triton's CPU interpreter); use backend='torch' on CPU")
+    if _triton_kernels() is None:
+        raise RuntimeError("the triton backend needs the 'triton' package (pip install triton)")
+    if key.dtype != query.dtype:
+        key = key.to(query.dtype)
+    if query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        query, key = query.float(), key.float()
+    return query, key
+
+
+@functools.lru_cache(maxsize=16)
+def _tail_weights(length: int, window: int, device: torch.device) -> torch.Tensor:
+    """(2, W, 1): −1 / (W · ln(visible keys)) for the rows' Σ p ln p, 1 / W for their sink
+    mass, so that one batched product turns the per-row values into the window means."""
+    visible = torch.arange(length - window + 1, length + 1, dtype=torch.float64).clamp(min=2)
+    weights = torch.stack([-1.0 / (window * visible.log()), torch.full_like(visible, 1.0 / window)])
+    return weights.float().unsqueeze(-1).to(device)
+
+
+def profile_triton(query: torch.Tensor, key: torch.Tensor, scaling: float | None, *, dense: bool = True,
+                   tail_window: int = 0, sliding_window: int | None = None,
+                   logsumexp: torch.Tensor | None = None, blocks: TritonBlocks | None = None
+                   ) -> tuple[torch.Tensor | None, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:
+    """The dense profile and/or the tail-window statistics from one pass over the scores.
+
+    Returns (dense profile (B, H, T) or None, (A (B, H, T − W + 1), sink (B, H), entropy (B, H))
+    or None). Pass 1 (row max and sum) runs unless `logsumexp` (B, H, T), natural log, as a
+    fused attention returns it beside its output, is given; then one kernel launch does it all.
+    The tail statistics need causal attention without a sliding window.
+    """
+    window = _check_inputs(query, key, sliding_window)
+    batch, heads, length, _ = query.shape
+    if tail_window and not (1 <= tail_window <= length and window == length):
+        raise ValueError(f"the tail window must be in 1 … {length}, without a sliding window "
+                         f"(got {tail_window}, sliding window {sliding_window})")
+    query, key = _kernel_inputs(query, key)
+    blocks = blocks or TritonBlocks.for_dtype(query.dtype, query.shape[3])
+    row_lo = 0 if dense else length - tail_window
+    if logsumexp is None:
+        row_max, row_sum = _row_stats_triton(query, key, scaling, window, blocks, row_lo)
+        sums = _distance_bins_triton(query, key, scaling, window, blocks, row_max, row_sum, row_lo=row_lo,
+                                     dense=dense, tail_window=tail_window)
+    else:
+        if logsumexp.shape != query.shape[:3]:
+            raise ValueError(f"logsumexp must be (B, H, T) = {tuple(query.shape[:3])}, got {tuple(logsumexp.shape)}")
+        natural = logsumexp.float()[..., row_lo:].contiguous().view(-1)
+        sums = _distance_bins_triton(query, key, scaling, window, blocks, natural, None, row_lo=row_lo,
+                                     dense=dense, tail_window=tail_window,
+                                     max_scale=math.log2(math.e))      # pass 2 works in log2 units
+    tail = None
+    if tail_window:
+        entropy, sink = torch.bmm(sums.rowstats, _tail_weights(length, tail_window, query.device)).view(
+            2, batch, heads)
+        tail = (sums.tail[..., : length - tail_window + 1], sink, entropy)
+    return (_finish(sums.dense, window) if dense else None), tail
 
 
 def dense_profile_triton(query: torch.Tensor, key: torch.Tensor, scaling: float | None,
@@ -284,25 +387,20 @@ def dense_profile_triton(query: torch.Tensor, key: torch.Tensor, scaling: float 
     from (B, T, H, D) projections need no copy. Sums of floats reach the output through
     atomics, so the last bit may differ between runs.
     """
-    window = _check_inputs(query, key, sliding_window)
-    if not query.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError("the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 for "
-                         "Triton's CPU interpreter); use backend='torch' on CPU")
-    if _triton_kernels() is None:
-        raise RuntimeError("the triton backend needs the 'triton' package (pip install triton)")
-    if key.dtype != query.dtype:
-        key = key.to(query.dtype)
-    if query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        query, key = query.float(), key.float()
-    blocks = blocks or TritonBlocks.for_dtype(query.dtype, query.shape[3])
-    if logsumexp is None:
-        row_max, row_sum = _row_stats_triton(query, key, scaling, window, blocks)
-    else:
-        if logsumexp.shape != query.shape[:3]:
-            raise ValueError(f"logsumexp must be (B, H, T) = {tuple(query.shape[:3])}, got {tuple(logsumexp.shape)}")
-        row_max = (logsumexp.float() * math.log2(math.e)).reshape(-1)      # pass 2 works in log2 units
-        row_sum = torch.ones_like(row_max)
-    return _finish(_distance_bins_triton(query, key, scaling, window, blocks, row_max, row_sum), window)
+    return profile_triton(query, key, scaling, sliding_window=sliding_window, logsumexp=logsumexp,
+                          blocks=blocks)[0]
+
+
+def tail_profile_triton(query: torch.Tensor, key: torch.Tensor, scaling: float | None, window: int, *,
+                        logsumexp: torch.Tensor | None = None, blocks: TritonBlocks | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The tail-window statistics of causal attention through the same kernels, on the last
+    `window` queries only: A (B, H, T − W + 1), A(d) = mean_i P[i, i − d]; sink (B, H), the
+    mean mass on key 0; entropy (B, H), the mean of each row's entropy over ln(its visible
+    keys). All float32, O(T) extra memory. Given the layer's `logsumexp`, one kernel launch.
+    A and entropy reach memory through atomics (the last bit may differ between runs)."""
+    return profile_triton(query, key, scaling, dense=False, tail_window=window, logsumexp=logsumexp,
+                          blocks=blocks)[1]
 
 
 def dense_profile(query: torch.Tensor, key: torch.Tensor, scaling: float | None,

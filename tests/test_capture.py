@@ -79,6 +79,14 @@ def test_uniform_attention_gives_a_flat_profile():
     assert np.allclose(stats.entropy.numpy(), 1.0, atol=1e-5)
 
 
+@pytest.mark.parametrize("groups", [1, 3])
+def test_expanded_heads_follow_grouped_query_attention(groups):
+    """The fused attention's key/value heads: query head h reads kv head h // groups."""
+    key = torch.randn(2, 4, 5, 8)
+    expanded = cap._expand_heads(key, groups)
+    assert torch.equal(expanded, key.repeat_interleave(groups, dim=1))
+
+
 def test_memory_is_bounded_per_head_block():
     """A long probe with many heads is processed in head blocks whose scores fit the budget."""
     length, window, heads = 4096, 256, 64

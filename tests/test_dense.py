@@ -174,6 +174,22 @@ def interpreter_cases() -> list[dict[str, Any]]:
         dict(dtype="float32", length=32, dim=32, window=9, small=True, onehot=True),
         dict(dtype="float32", length=100, dim=32, kv_heads=1, small=True, lse=True),
     ]
+    # the tail-window statistics through the same kernels, against capture's torch path: alone
+    # (pass 1 on the tail rows, or given their logsumexp), and beside the dense profile (both)
+    cases += [
+        dict(dtype="float32", length=100, dim=32, tail=12, small=True),
+        dict(dtype="float32", length=72, dim=16, tail=1, small=True),
+        dict(dtype="float32", length=64, dim=16, tail=64, small=True),
+        dict(dtype="float32", length=100, dim=32, tail=37),
+        dict(dtype="float32", length=80, dim=16, kv_heads=1, tail=16, small=True, uniform=True),
+        dict(dtype="float32", length=100, dim=32, tail=20, small=True, lse=True),
+        dict(dtype="float32", length=100, dim=32, tail=20, small=True, both=True),
+        dict(dtype="float32", length=90, dim=16, tail=7, small=True, both=True, lse=True),
+        dict(dtype="bfloat16", length=100, dim=32, kv_heads=1, tail=13, small=True),
+        dict(dtype="bfloat16", length=72, dim=32, tail=9, both=True, lse=True),
+        dict(dtype="float16", length=64, dim=32, batch=2, transposed=True, tail=8),
+        dict(dtype="float16", length=64, dim=32, batch=2, transposed=True, tail=8, both=True, lse=True),
+    ]
     for dtype in ("float16", "bfloat16"):
         cases += [
             dict(dtype=dtype, length=33, dim=16),
@@ -207,6 +223,8 @@ def run_interpreter_case(case: dict[str, Any]) -> dict[str, Any]:
     blocks = SMALL_BLOCKS if case.get("small") else None
     # lse: pass 1 skipped, its result given as the natural-log normaliser flash attention returns
     lse = causal_logsumexp(query, key, dim ** -0.5) if case.get("lse") else None
+    if case.get("tail"):
+        return run_tail_case(query, key, case["tail"], blocks, lse, case.get("both", False))
     got = dense_profile_triton(query, key, dim ** -0.5, window, blocks=blocks, logsumexp=lse)
     want = dense_profile_reference(query, key, dim ** -0.5, window)
     finite = want.isfinite()
@@ -229,10 +247,16 @@ def compile_for_sm90() -> dict[str, Any]:
     result = {}
     for dtype, dim in ((torch.bfloat16, 128), (torch.float16, 64), (torch.float32, 64)):
         pointer = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}[dtype]
-        stats, bins, stats_options, bins_options = _kernel_constants(dtype, dim, TritonBlocks.for_dtype(dtype, dim))
-        for name, constants, options in (("row_stats", stats, stats_options),
-                                         ("distance_bins", bins, bins_options)):
-            kernel = kernels[name]
+        blocks = TritonBlocks.for_dtype(dtype, dim)
+        stats, bins, stats_options, bins_options = _kernel_constants(dtype, dim, blocks)
+        variants = [("row_stats", stats, stats_options), ("distance_bins", bins, bins_options)]
+        if dtype == torch.bfloat16:      # the tail window alone, beside the dense sums, given a logsumexp
+            for variant, flags in (("tail", dict(dense=False, tail=True)), ("both", dict(tail=True)),
+                                   ("both-lse", dict(tail=True, has_sum=False))):
+                variants.append((f"distance_bins-{variant}", _kernel_constants(dtype, dim, blocks, **flags)[1],
+                                 bins_options))
+        for name, constants, options in variants:
+            kernel = kernels[name.split("-")[0]]
             signature = {}
             for param in kernel.params:
                 if param.is_constexpr:
@@ -242,7 +266,7 @@ def compile_for_sm90() -> dict[str, Any]:
                 elif param.name.endswith("_ptr"):
                     signature[param.name] = "*fp32"
                 else:
-                    signature[param.name] = "fp32" if param.name == "qk_scale" else "i32"
+                    signature[param.name] = "fp32" if param.name in ("qk_scale", "m_scale") else "i32"
             compiled = triton.compile(ASTSource(kernel, signature, constants),
                                       target=GPUTarget("cuda", 90, 32), options=options)
             result[f"{name}-{pointer[1:]}-d{dim}"] = len(compiled.asm["cubin"])
@@ -291,6 +315,26 @@ def peak_extra_bytes(control_only: bool = False) -> dict[str, Any]:
     return result
 
 
+def run_tail_case(query: torch.Tensor, key: torch.Tensor, window: int, blocks: TritonBlocks | None,
+                  lse: torch.Tensor | None, both: bool) -> dict[str, Any]:
+    """profile_triton's tail statistics against capture.tail_stats_torch (and, with `both`, its
+    dense profile against the reference): the largest error over A, sink, entropy (and dense)."""
+    from profiler.capture import tail_stats_torch
+    from profiler.dense import profile_triton
+    dim = query.shape[-1]
+    dense, tail = profile_triton(query, key, dim ** -0.5, dense=both, tail_window=window, logsumexp=lse,
+                                 blocks=blocks)
+    want = tail_stats_torch(query, key, dim ** -0.5, None, window)
+    pairs = list(zip(tail, (want.A, want.sink, want.entropy)))
+    if both:
+        pairs.append((dense, dense_profile_reference(query, key, dim ** -0.5)))
+    else:
+        assert dense is None
+    return dict(error=max(((g - w).abs() / (1 + w.abs())).nan_to_num().max().item() for g, w in pairs),
+                nan_match=all(g.shape == w.shape and torch.equal(g.isnan(), w.isnan()) for g, w in pairs),
+                exact_one=None)
+
+
 def run_worker(*args: str, interpret: bool = False, timeout: float = 120) -> Any:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
@@ -318,7 +362,7 @@ def test_triton_interpreter_matches_reference(case: dict[str, Any],
     tolerance = 1e-5 if case["dtype"] == "float32" else 1e-4
     assert result["nan_match"]
     assert result["error"] <= tolerance, result
-    if case.get("uniform"):
+    if case.get("uniform") and not case.get("tail"):
         assert result["exact_one"], result
 
 
@@ -327,7 +371,7 @@ def test_triton_kernels_compile_for_sm90() -> None:
     if importlib.util.find_spec("triton.backends.nvidia") is None:
         pytest.skip("triton has no NVIDIA backend on this machine")
     sizes = run_worker("compile")
-    assert len(sizes) == 6 and all(size > 0 for size in sizes.values()), sizes
+    assert len(sizes) == 9 and all(size > 0 for size in sizes.values()), sizes
 
 
 def test_reference_memory_is_not_quadratic() -> None:

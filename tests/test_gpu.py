@@ -2,7 +2,9 @@
 
 - the Triton kernels on hardware against the chunked torch reference (fp32, fp16, bf16; MHA,
   GQA, sliding window; lengths past one tile and up to 8K);
-- flash attention's logsumexp, which lets the dense kernels skip their first pass;
+- the tail-window kernels on hardware (alone and beside the dense sums, with and without a
+  logsumexp) against the torch tail statistics and the dense reference;
+- cuDNN's and flash attention's logsumexp, which lets the dense kernels skip their first pass;
 - a whole capture on the GPU (tail and dense) against the same model's capture on the CPU, whose
   paths are checked against eager attention weights in test_capture.py;
 - a model split across devices (`device_map`): layers on two GPUs (the kernels launched on each
@@ -44,18 +46,45 @@ def test_triton_kernel_matches_reference_on_gpu(dtype, heads, kv_heads, length, 
     torch.testing.assert_close(got[seen], want[seen], rtol=2e-4, atol=1e-5)
 
 
-def test_flash_logsumexp_on_gpu():
-    """The flash path of the dense capture: its output is SDPA's, its logsumexp is the scores' log-
-    normaliser, and the kernels given that logsumexp (pass 1 skipped) match the reference."""
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("heads,kv_heads,length,window", [
+    (4, 4, 300, 37),              # MHA, W and T not multiples of any tile
+    (9, 3, 2048, 256),            # SmolLM2's shape at the default window
+    (9, 3, 8192, 256),
+    (8, 2, 500, 1),               # W = 1, as the TAF protocol uses
+])
+@pytest.mark.parametrize("dense", [False, True], ids=["tail", "dense"])
+@pytest.mark.parametrize("given_lse", [False, True], ids=["pass1", "lse"])
+def test_layer_kernels_match_torch_on_gpu(dtype, heads, kv_heads, length, window, dense, given_lse):
+    """A layer's statistics through the kernels (two launches, or one given the logsumexp) equal
+    the torch tail path and the chunked dense reference."""
+    query, key = (t.to("cuda", dtype) for t in random_qk(1, heads, kv_heads, length, 64))
+    lse = causal_logsumexp(query, key, 0.125) if given_lse else None
+    got = cap.layer_stats(query, key, 0.125, None, window, dense, logsumexp=lse)
+    want = cap.tail_stats_torch(query, key, 0.125, None, window)
+    if dense:
+        want.A = dense_profile_reference(query, key, 0.125)
+    for field in cap.STAT_FIELDS:
+        torch.testing.assert_close(getattr(got, field), getattr(want, field), rtol=2e-4, atol=1e-6,
+                                   equal_nan=True, msg=field)
+
+
+@pytest.mark.parametrize("backend", cap.LSE_BACKENDS)
+def test_fused_attention_logsumexp_on_gpu(backend):
+    """The fused attention of the dense capture: its output is SDPA's, its logsumexp is the scores'
+    log-normaliser, and the kernels given that logsumexp (pass 1 skipped) match the reference."""
     from types import SimpleNamespace
 
     import torch.nn.functional as F
     query, key = (t.to("cuda", torch.bfloat16) for t in random_qk(1, 8, 2, 1000, 64))
     value = torch.randn_like(key)
     scale = 64 ** -0.5
-    flash = cap.flash_with_logsumexp(SimpleNamespace(is_causal=True), query, key, value, None, 0.0, scale, {})
-    assert flash is not None
-    output, lse = flash
+    layer = SimpleNamespace(is_causal=True)
+    fused = cap.attention_with_logsumexp(layer, query, key, value, None, 0.0, scale, {}, backends=(backend,))
+    if fused is None:
+        pytest.skip(f"PyTorch's {backend} attention does not run here")
+    output, lse = fused
     keys, values = key.repeat_interleave(4, 1), value.repeat_interleave(4, 1)
     want = F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scale).transpose(1, 2)
     torch.testing.assert_close(output, want, rtol=2e-2, atol=2e-2)          # bf16 outputs
@@ -63,11 +92,11 @@ def test_flash_logsumexp_on_gpu():
     got = dense_profile_triton(query, key, scale, logsumexp=lse)
     reference = dense_profile_reference(query, key, scale)
     torch.testing.assert_close(got[~reference.isnan()], reference[~reference.isnan()], rtol=2e-4, atol=1e-5)
-    # where flash does not apply, the caller gets None and takes the SDPA path
-    assert cap.flash_with_logsumexp(SimpleNamespace(is_causal=True), query, key, value, None, 0.0, scale,
-                                    {"sliding_window": 64}) is None
-    assert cap.flash_with_logsumexp(SimpleNamespace(is_causal=True), query.float(), key.float(), value.float(),
-                                    None, 0.0, scale, {}) is None
+    # where it does not apply, the caller gets None and takes the SDPA path
+    assert cap.attention_with_logsumexp(layer, query, key, value, None, 0.0, scale,
+                                        {"sliding_window": 64}, backends=(backend,)) is None
+    assert cap.attention_with_logsumexp(layer, query.float(), key.float(), value.float(),
+                                        None, 0.0, scale, {}, backends=(backend,)) is None
 
 
 def capture_on(model: torch.nn.Module, ids: np.ndarray, estimator: str) -> cap.Capture:
@@ -98,11 +127,11 @@ def test_half_precision_model_dense_kernel_equals_reference(monkeypatch, dtype, 
     ids = np.random.default_rng(8).integers(0, 300, size=(2, 200))
     model = tiny_model(kind, num_key_value_heads=2, **extra).to("cuda", dtype)
     flash_calls = []
-    real_flash = cap.flash_with_logsumexp
-    monkeypatch.setattr(cap, "flash_with_logsumexp",
-                        lambda *args: flash_calls.append(real_flash(*args)) or flash_calls[-1])
+    real_fused = cap.attention_with_logsumexp
+    monkeypatch.setattr(cap, "attention_with_logsumexp",
+                        lambda *args: flash_calls.append(real_fused(*args)) or flash_calls[-1])
     with_kernel = capture_on(model, ids, "dense")
-    # without a window each layer's logsumexp comes from flash attention; with one, from pass 1
+    # without a window each layer's logsumexp comes from a fused attention; with one, from pass 1
     assert len(flash_calls) == 2 * 2             # 2 layers × 2 probes, one forward each
     assert all((f is None) == ("sliding_window" in extra) for f in flash_calls)
     monkeypatch.setattr(dense, "triton_available", lambda: False)
