@@ -118,7 +118,9 @@ def layer_stats(query: torch.Tensor, key: torch.Tensor, scaling: float, mask: to
     tokens, and the torch path takes thirty. Elsewhere, or with a mask: `tail_stats_torch` and
     `dense_profile`. The paths agree (tests/test_dense.py, tests/test_gpu.py)."""
     from .dense import dense_counts, dense_profile, profile_triton, triton_available
-    if mask is None and query.is_cuda and query.shape[2] > 1 and triton_available():
+    length = query.shape[2]
+    causal = mask is None and (sliding_window is None or sliding_window >= length)
+    if causal and query.is_cuda and length > 1 and triton_available():
         profile, (A, sink, entropy) = profile_triton(query, key, scaling, dense=dense, tail_window=window,
                                                      sliding_window=sliding_window, logsumexp=logsumexp)
         return LayerStats(profile if dense else A, sink, A[..., : rules.LOCAL_MAX_DISTANCE + 1].sum(dim=-1),
@@ -216,8 +218,9 @@ class Recorder:
             cuda = device.type == "cuda"
             host = {f: torch.stack([getattr(self.layers[i], f) for i in indices]).to("cpu", non_blocking=cuda)
                     for f in STAT_FIELDS}
-            if cuda:
+            if cuda:              # then out of pinned memory, which is scarce: it returns to the cache
                 torch.cuda.current_stream(device).synchronize()
+                host = {f: t.clone() for f, t in host.items()}
             for k, idx in enumerate(indices):
                 self.layers[idx] = LayerStats(*(host[f][k] for f in STAT_FIELDS))
         for idx in sorted(self.layers):
@@ -234,11 +237,10 @@ _ACTIVE: list[Recorder] = []
 _NOT_FUSED_KWARGS = ("sliding_window", "softcap", "s_aux", "sinks", "position_bias")
 
 # PyTorch's fused attention kernels that return the logsumexp beside the output, in the order
-# tried: cuDNN's (what SDPA runs on Hopper GPUs), then flash (FA2). The first that runs for a
-# (device, dtype, head dim) is kept; benchmarks/bench_dense.py times both.
+# tried: cuDNN's (what SDPA runs on Hopper GPUs), then flash (FA2); one that raises for a
+# (device, dtype, head dim) is not tried there again. benchmarks/bench_dense.py times both.
 LSE_BACKENDS = ("cudnn", "flash")
-_CHOSEN: dict[tuple, str | None] = {}
-
+_FAILED: set[tuple] = set()       # (backend, device, dtype, head dim, GQA) that raised: not tried again
 
 @functools.cache
 def _capability(device: torch.device) -> tuple[int, int]:
@@ -288,26 +290,24 @@ def attention_with_logsumexp(module, query: torch.Tensor, key: torch.Tensor, val
             and _capability(query.device) >= (8, 0)):
         return None
     enabled = {"cudnn": torch.backends.cuda.cudnn_sdp_enabled, "flash": torch.backends.cuda.flash_sdp_enabled}
-    where = (query.device, query.dtype, dim, query.shape[1] // key.shape[1] > 1, backends)
-    chosen = _CHOSEN.get(where, "untried")
-    for backend in (backends if chosen == "untried" else [chosen] if chosen else []):
-        if not enabled[backend]():
+    for backend in backends:
+        where = (backend, query.device, query.dtype, dim, query.shape[1] != key.shape[1])
+        if where in _FAILED or not enabled[backend]():
             continue
         try:
             output, logsumexp = _fused_with_logsumexp(backend, query, key, value, scale)
         except torch.OutOfMemoryError:
             raise
         except RuntimeError:              # this build or GPU lacks the kernel for these inputs
+            _FAILED.add(where)
             continue
         if logsumexp.dim() == 4 and logsumexp.shape[-1] == 1:
             logsumexp = logsumexp.squeeze(-1)
         if logsumexp.shape != query.shape[:3] or output.shape != query.shape:
+            _FAILED.add(where)
             continue
-        _CHOSEN[where] = backend
         return output.transpose(1, 2).contiguous(), logsumexp
-    _CHOSEN[where] = None
     return None
-
 
 def _attnprof_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
                         scaling: float | None = None, **kwargs):

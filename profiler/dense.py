@@ -346,6 +346,8 @@ def profile_triton(query: torch.Tensor, key: torch.Tensor, scaling: float | None
     """
     window = _check_inputs(query, key, sliding_window)
     batch, heads, length, _ = query.shape
+    if not (dense or tail_window):
+        raise ValueError("nothing to compute: ask for the dense profile, a tail window or both")
     if tail_window and not (1 <= tail_window <= length and window == length):
         raise ValueError(f"the tail window must be in 1 … {length}, without a sliding window "
                          f"(got {tail_window}, sliding window {sliding_window})")

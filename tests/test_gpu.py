@@ -99,6 +99,48 @@ def test_fused_attention_logsumexp_on_gpu(backend):
                                         None, 0.0, scale, {}, backends=(backend,)) is None
 
 
+def test_a_fused_attention_applies_on_sm80():
+    """On an Ampere or newer GPU at least one fused attention must run, or every GPU capture would
+    silently take the two-launch path (the test above skips a backend that does not run)."""
+    from types import SimpleNamespace
+    if cap._capability(torch.device("cuda", torch.cuda.current_device())) < (8, 0):
+        pytest.skip("fused attention needs sm_80 or newer")
+    query, key = (t.to("cuda", torch.bfloat16) for t in random_qk(1, 8, 2, 256, 64))
+    assert cap.attention_with_logsumexp(SimpleNamespace(is_causal=True), query, key, torch.randn_like(key),
+                                        None, 0.0, 0.125, {}) is not None
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("estimator", ["tail", "dense"])
+def test_fused_attention_inside_a_model_equals_sdpa(monkeypatch, estimator):
+    """In a bf16 model (q, k, v as transformers hands them over: transposed views), the fused
+    attention's output gives SDPA's logits, and its one-launch statistics equal the two-launch ones
+    (layer 0 sees the same queries and keys either way)."""
+    if cap._capability(torch.device("cuda", torch.cuda.current_device())) < (8, 0):
+        pytest.skip("fused attention needs sm_80 or newer")
+    cap.register()
+    model = tiny_model("llama", num_key_value_heads=2).to("cuda", torch.bfloat16)
+    model.set_attn_implementation(cap.ATTN_NAME)
+    ids = torch.as_tensor(np.random.default_rng(9).integers(0, 300, size=(1, 300)), device="cuda")
+
+    def run() -> tuple[torch.Tensor, cap.Recorder]:
+        with cap.recording(cap.Recorder(estimator, 32)) as rec, torch.inference_mode():
+            logits = model(input_ids=ids, use_cache=False).logits.float()
+        return logits, rec.finish()
+
+    calls = []
+    real = cap.attention_with_logsumexp
+    monkeypatch.setattr(cap, "attention_with_logsumexp", lambda *args: calls.append(real(*args)) or calls[-1])
+    fused_logits, fused = run()
+    assert len(calls) == 2 and all(call is not None for call in calls)
+    monkeypatch.setattr(cap, "attention_with_logsumexp", lambda *args: None)
+    sdpa_logits, two_launch = run()
+    torch.testing.assert_close(fused_logits, sdpa_logits, rtol=2e-2, atol=2e-2)          # bf16 forward passes
+    for field in cap.STAT_FIELDS:
+        torch.testing.assert_close(getattr(fused.layers[0], field), getattr(two_launch.layers[0], field),
+                                   rtol=2e-4, atol=1e-6, equal_nan=True, msg=field)
+
+
 def capture_on(model: torch.nn.Module, ids: np.ndarray, estimator: str) -> cap.Capture:
     cap.register()
     model.set_attn_implementation(cap.ATTN_NAME)

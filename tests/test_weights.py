@@ -452,4 +452,6 @@ def test_peak_memory_does_not_grow_with_model_size(tmp_path):
         shutil.rmtree(b)
         shutil.rmtree(m)
     assert growth[32] < 3 * pair_bytes + FIXED_ALLOWANCE, growth
-    assert abs(growth[32] - growth[8]) < pair_bytes, growth
+    # the property is "does not grow": a larger peak for the smaller checkpoint (seen once, under
+    # another process's memory pressure evicting resident library pages) is not a failure
+    assert growth[32] - growth[8] < pair_bytes, growth
