@@ -128,8 +128,8 @@ def layer_stats(query: torch.Tensor, key: torch.Tensor, scaling: float, mask: to
     stats = tail_stats_torch(query, key, scaling, mask, window)
     if dense:
         stats.A = dense_profile(query, key, scaling, sliding_window=sliding_window, logsumexp=logsumexp)
-        if sliding_window is not None and sliding_window < query.shape[2]:
-            unseen = dense_counts(query.shape[2], sliding_window, device=stats.A.device) == 0
+        if sliding_window is not None and sliding_window < length:
+            unseen = dense_counts(length, sliding_window, device=stats.A.device) == 0
             stats.A = stats.A.masked_fill(unseen, 0.0)    # beyond a sliding window: no attention
     return stats
 
@@ -242,25 +242,17 @@ _NOT_FUSED_KWARGS = ("sliding_window", "softcap", "s_aux", "sinks", "position_bi
 LSE_BACKENDS = ("cudnn", "flash")
 _FAILED: set[tuple] = set()       # (backend, device, dtype, head dim, GQA) that raised: not tried again
 
+
 @functools.cache
 def _capability(device: torch.device) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device)
 
 
-def _expand_heads(tensor: torch.Tensor, groups: int) -> torch.Tensor:
-    """(B, KV, T, D) → (B, KV·groups, T, D), head h reading kv head h // groups: one copy, by
-    expand and reshape (repeat_interleave may wait for the GPU to size its output)."""
-    if groups == 1:
-        return tensor
-    batch, kv_heads, length, dim = tensor.shape
-    return tensor[:, :, None].expand(batch, kv_heads, groups, length, dim).reshape(
-        batch, kv_heads * groups, length, dim)
-
-
 def _fused_with_logsumexp(backend: str, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                           scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    from transformers.integrations.sdpa_attention import repeat_kv
     groups = query.shape[1] // key.shape[1]      # both want as many key/value heads as query heads
-    key, value = _expand_heads(key, groups), _expand_heads(value, groups)
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)     # expand + reshape: no GPU wait
     if backend == "cudnn":
         result = torch.ops.aten._scaled_dot_product_cudnn_attention(
             query, key, value, None, True, 0.0, True, False, scale=scale)
@@ -309,6 +301,7 @@ def attention_with_logsumexp(module, query: torch.Tensor, key: torch.Tensor, val
         return output.transpose(1, 2).contiguous(), logsumexp
     return None
 
+
 def _attnprof_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
                         scaling: float | None = None, **kwargs):
     """The registered attention function: record statistics, then run the model's SDPA attention
@@ -317,11 +310,11 @@ def _attnprof_attention(module, query, key, value, attention_mask, dropout: floa
     if _ACTIVE:
         recorder = _ACTIVE[-1]
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        flash = attention_with_logsumexp(module, query, key, value, attention_mask, dropout, scale, kwargs)
+        fused = attention_with_logsumexp(module, query, key, value, attention_mask, dropout, scale, kwargs)
         recorder.record(module, query, key, attention_mask, scale, kwargs.get("sliding_window"),
-                        logsumexp=None if flash is None else flash[1])
-        if flash is not None:
-            return flash[0], None
+                        logsumexp=None if fused is None else fused[1])
+        if fused is not None:
+            return fused[0], None
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                   scaling=scaling, **kwargs)
 

@@ -381,7 +381,7 @@ def dense_profile_triton(query: torch.Tensor, key: torch.Tensor, scaling: float 
 
     Pass 1 stores each row's softmax max and sum ((B, H, T) each); pass 2 recomputes the
     scores tile by tile and bins n_i · P[i, j] by distance into a (B, H, T) fp32 buffer.
-    `logsumexp` (B, H, T), natural log, as flash attention returns it beside its output, is
+    `logsumexp` (B, H, T), natural log, as a fused attention (cuDNN, flash) returns it, is
     exactly what pass 1 would compute: given it, pass 1 is skipped (max = logsumexp, sum = 1).
     With a sliding window it must be the windowed attention's logsumexp.
     Inputs stay in their dtype (fp16/bf16 products are exact in the fp32 accumulator; fp32
@@ -413,7 +413,7 @@ def dense_profile(query: torch.Tensor, key: torch.Tensor, scaling: float | None,
 
     backend="auto" runs the Triton kernels on CUDA tensors when triton imports and the
     chunked torch reference otherwise; "triton" or "torch" force one. `logsumexp`, the
-    rows' softmax normalisers from the layer's own flash attention, saves the kernels a
+    rows' softmax normalisers from the layer's own fused attention, saves the kernels a
     pass; the reference computes its own.
     """
     if backend == "torch":

@@ -56,6 +56,28 @@ def row_stats_kernel(q_ptr, k_ptr, m_ptr, l_ptr, T, H, G, window, row_lo, qk_sca
     tl.store(l_ptr + out, l, mask=row_ok)
 
 @triton.jit
+def load_tile(q_base, k_base, rows, keys, row_ok, key_ok, stride_qt, stride_qd, stride_kt, stride_kd,
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr, MASKED: tl.constexpr):
+    # The queries `rows` (ROWS × BLOCK_D) and the keys `keys`, transposed (BLOCK_D × DISTS), of one
+    # tile; MASKED loads zeros outside row_ok / key_ok (and always beyond HEAD_DIM).
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < HEAD_DIM
+    if MASKED:
+        q = tl.load(q_base + rows[:, None] * stride_qt + dims[None, :] * stride_qd,
+                    mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+        k_t = tl.load(k_base + keys[None, :] * stride_kt + dims[:, None] * stride_kd,
+                      mask=key_ok[None, :] & dim_ok[:, None], other=0.0)
+    else:
+        q = tl.load(q_base + rows[:, None] * stride_qt + dims[None, :] * stride_qd,
+                    mask=dim_ok[None, :], other=0.0)
+        k_t = tl.load(k_base + keys[None, :] * stride_kt + dims[:, None] * stride_kd,
+                      mask=dim_ok[:, None], other=0.0)
+    if DOT_FP32:
+        q = q.to(tl.float32)
+        k_t = k_t.to(tl.float32)
+    return q, k_t
+
+@triton.jit
 def bins_tile(acc, q_base, k_base, m_ptr, l_ptr, bh, i0, d0, T, window, row_lo, m_scale, qk_scale,
               stride_qt, stride_qd, stride_kt, stride_kd,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr, DISTS: tl.constexpr,
@@ -65,32 +87,23 @@ def bins_tile(acc, q_base, k_base, m_ptr, l_ptr, bh, i0, d0, T, window, row_lo, 
     # [0, window) and are masked; the others (most of them) need no masks.
     r = tl.arange(0, ROWS)
     c = tl.arange(0, DISTS)
-    dims = tl.arange(0, BLOCK_D)
     rows = i0 + r
     keys = i0 - d0 - c
-    dim_ok = dims < HEAD_DIM
     at = bh * (T - row_lo) + rows - row_lo       # the rows' place in the stats buffers
     if EDGE:
         row_ok = (rows < T) & (rows >= row_lo)
         key_ok = (keys >= 0) & (keys < T)
-        q = tl.load(q_base + rows[:, None] * stride_qt + dims[None, :] * stride_qd,
-                    mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
-        k_t = tl.load(k_base + keys[None, :] * stride_kt + dims[:, None] * stride_kd,
-                      mask=key_ok[None, :] & dim_ok[:, None], other=0.0)
+        q, k_t = load_tile(q_base, k_base, rows, keys, row_ok, key_ok, stride_qt, stride_qd, stride_kt,
+                           stride_kd, HEAD_DIM, BLOCK_D, DOT_FP32, True)
         m_row = tl.load(m_ptr + at, mask=row_ok, other=0.0)
         if HAS_L:
             l_row = tl.load(l_ptr + at, mask=row_ok, other=1.0)
-    else:
-        q = tl.load(q_base + rows[:, None] * stride_qt + dims[None, :] * stride_qd,
-                    mask=dim_ok[None, :], other=0.0)
-        k_t = tl.load(k_base + keys[None, :] * stride_kt + dims[:, None] * stride_kd,
-                      mask=dim_ok[:, None], other=0.0)
+    else:                                        # rows and keys stand in for the unused masks
+        q, k_t = load_tile(q_base, k_base, rows, keys, rows, keys, stride_qt, stride_qd, stride_kt,
+                           stride_kd, HEAD_DIM, BLOCK_D, DOT_FP32, False)
         m_row = tl.load(m_ptr + at)
         if HAS_L:
             l_row = tl.load(l_ptr + at)
-    if DOT_FP32:
-        q = q.to(tl.float32)
-        k_t = k_t.to(tl.float32)
     s = tl.dot(q, k_t, input_precision=PRECISION) * qk_scale - (m_row * m_scale)[:, None]
     if EDGE:
         dist = d0 + r[:, None] + c[None, :]
@@ -111,23 +124,16 @@ def tail_tile(acc, q_base, k_base, m_ptr, l_ptr, rowstat_ptr, bh, BH, i0, d0, T,
     # stores its P on key 0 to rowstat[1] (one tile holds that pair: no atomics).
     r = tl.arange(0, ROWS)
     c = tl.arange(0, DISTS)
-    dims = tl.arange(0, BLOCK_D)
     rows = i0 + r
     keys = i0 - d0 - c
-    dim_ok = dims < HEAD_DIM
     row_ok = (rows < T) & (rows >= tail_lo)
     key_ok = (keys >= 0) & (keys < T)
-    q = tl.load(q_base + rows[:, None] * stride_qt + dims[None, :] * stride_qd,
-                mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
-    k_t = tl.load(k_base + keys[None, :] * stride_kt + dims[:, None] * stride_kd,
-                  mask=key_ok[None, :] & dim_ok[:, None], other=0.0)
+    q, k_t = load_tile(q_base, k_base, rows, keys, row_ok, key_ok, stride_qt, stride_qd, stride_kt, stride_kd,
+                       HEAD_DIM, BLOCK_D, DOT_FP32, True)
     at = bh * (T - row_lo) + rows - row_lo
     m_row = tl.load(m_ptr + at, mask=row_ok, other=0.0) * m_scale
     if HAS_L:
         m_row += tl.log2(tl.load(l_ptr + at, mask=row_ok, other=1.0))   # 2^(s − m) / l = 2^(s − m − log2 l)
-    if DOT_FP32:
-        q = q.to(tl.float32)
-        k_t = k_t.to(tl.float32)
     s = tl.dot(q, k_t, input_precision=PRECISION) * qk_scale - m_row[:, None]    # log2 P
     dist = d0 + r[:, None] + c[None, :]
     visible = row_ok[:, None] & key_ok[None, :] & (dist >= 0)

@@ -46,7 +46,7 @@ def random_qk(batch: int, heads: int, kv_heads: int, length: int, dim: int,
 
 def causal_logsumexp(query: torch.Tensor, key: torch.Tensor, scaling: float) -> torch.Tensor:
     """log Σ_j exp(score_ij) over each query's visible keys, (B, H, T) fp32, from fp32 scores
-    (GQA keys unexpanded): what flash attention returns beside its output."""
+    (GQA keys unexpanded): what a fused attention (cuDNN, flash) returns beside its output."""
     keys = key.float().repeat_interleave(query.shape[1] // key.shape[1], dim=1)
     scores = query.float() @ keys.transpose(-1, -2) * scaling
     length = query.shape[2]

@@ -81,10 +81,11 @@ def test_uniform_attention_gives_a_flat_profile():
 
 @pytest.mark.parametrize("groups", [1, 3])
 def test_expanded_heads_follow_grouped_query_attention(groups):
-    """The fused attention's key/value heads: query head h reads kv head h // groups."""
+    """The fused attention's key/value heads (transformers' repeat_kv, which expands without a GPU
+    wait): query head h reads kv head h // groups."""
+    from transformers.integrations.sdpa_attention import repeat_kv
     key = torch.randn(2, 4, 5, 8)
-    expanded = cap._expand_heads(key, groups)
-    assert torch.equal(expanded, key.repeat_interleave(groups, dim=1))
+    assert torch.equal(repeat_kv(key, groups), key.repeat_interleave(groups, dim=1))
 
 
 def test_memory_is_bounded_per_head_block():
