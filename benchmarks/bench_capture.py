@@ -7,8 +7,8 @@ Methods, each in its own child process (so peak memory is its own, under a memor
   hooks   the usual way: eager attention with output_attentions=True, every T×T map kept
   taf     the TAF diagnose protocol (distances 10…2000, last query, d+50 tokens, one forward each)
   paired  plain, tail and dense forwards interleaved probe by probe in one process (the fairest
-          ratios; the seconds column is all of them together); on CUDA also tail-2pass, the tail
-          capture with SDPA attention and two kernel launches instead of one
+          ratios; the seconds column is all of them together); on CUDA also tail-layer and
+          dense-layer, the captures with each layer reduced on its own instead of in batches
 All forward passes compute logits for the last position only (logits_to_keep=1), the same for all.
 Times exclude model loading; peak memory is the process's high-water RSS (or CUDA peak) during
 the timed part. TAF is also reported as the projected time to reach the tail estimator's
@@ -85,16 +85,13 @@ def child(method: str, length: int, num: int, device: str, model_spec: str) -> d
     warm_length = length if cuda else 64
     warm = torch.as_tensor(input_ids[:1, :warm_length], device=model.device)
     estimators = {"tail": ["tail"], "dense": ["dense"], "paired": [None, "tail", "dense"]}.get(method, ["tail"])
-    if method == "paired" and cuda:       # and the tail's two-launch path (see "tail-2pass" below)
-        fused, cap.attention_with_logsumexp = cap.attention_with_logsumexp, lambda *args, **kwargs: None
-        with cap.recording(cap.Recorder("tail", cap.default_window(warm_length))), torch.inference_mode():
-            model(input_ids=warm, use_cache=False, logits_to_keep=1)
-        cap.attention_with_logsumexp = fused
     for estimator in estimators:
-        recorder = cap.recording(cap.Recorder(estimator, cap.default_window(warm_length))) \
-            if impl == cap.ATTN_NAME and estimator else contextlib.nullcontext()
-        with recorder, torch.inference_mode():
-            model(input_ids=warm, use_cache=False, logits_to_keep=1)
+        for batch_layers in ([None, False] if method == "paired" and cuda and estimator else [None]):
+            recorder = cap.Recorder(estimator, cap.default_window(warm_length), batch_layers=batch_layers)
+            with cap.recording(recorder) if impl == cap.ATTN_NAME and estimator else contextlib.nullcontext(), \
+                    torch.inference_mode():
+                model(input_ids=warm, use_cache=False, logits_to_keep=1)
+            recorder.finish()
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -124,11 +121,11 @@ def child(method: str, length: int, num: int, device: str, model_spec: str) -> d
         # plain, tail and dense forwards interleaved probe by probe in one process, the order
         # rotating, so machine drift hits all alike: with no recorder active the attnprof
         # attention is exactly SDPA. Each ends with its results on the host (a synchronise).
-        # On CUDA also "tail-2pass": the tail capture with the layer's attention through SDPA
-        # and pass 1 on the tail rows, instead of a fused attention's logsumexp and one launch.
-        kinds = ["plain", "tail", "dense"] + (["tail-2pass"] if cuda else [])
+        # On CUDA, where layers are reduced in batches (capture.LayerBatch), also "tail-layer" and
+        # "dense-layer": each layer reduced on its own, one Triton launch given its fused
+        # attention's logsumexp (the code of H200 runs 3-4).
+        kinds = ["plain", "tail", "dense"] + (["tail-layer", "dense-layer"] if cuda else [])
         spent = dict.fromkeys(kinds, 0.0)
-        fused = cap.attention_with_logsumexp
         for n, row in enumerate(input_ids):
             ids = torch.as_tensor(row[None], device=model.device)
             for kind in kinds[n % len(kinds):] + kinds[: n % len(kinds)]:
@@ -139,11 +136,10 @@ def child(method: str, length: int, num: int, device: str, model_spec: str) -> d
                     if cuda:
                         torch.cuda.synchronize()
                 else:
-                    cap.attention_with_logsumexp = (lambda *args, **kwargs: None) if kind == "tail-2pass" else fused
-                    with cap.recording(cap.Recorder(kind.split("-")[0], window)) as rec, torch.inference_mode():
+                    rec = cap.Recorder(kind.split("-")[0], window, batch_layers=False if "-" in kind else None)
+                    with cap.recording(rec), torch.inference_mode():
                         model(input_ids=ids, use_cache=False, logits_to_keep=1)
                     rec.finish()                    # statistics to the host, as capture() does
-                    cap.attention_with_logsumexp = fused
                 spent[kind] += time.perf_counter() - t
         result.update({f"{k}_seconds": v for k, v in spent.items()},
                       ratios={k: v / spent["plain"] for k, v in spent.items() if k != "plain"})

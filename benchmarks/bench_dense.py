@@ -10,9 +10,14 @@ On CPU it times the chunked torch reference. On a CUDA machine with triton it al
   sdpa           the layer's own attention forward, as transformers calls it (GQA unexpanded)
   <backend>+lse  the same attention through PyTorch's cuDNN (GQA in the kernel, or expanded)
                  or flash kernel, which also return the logsumexp (what a capture runs instead)
+  batched/layer  the launches a capture makes for a batch of L layers (capture.LayerBatch: as
+                 many as BATCH_BYTES of copies allow, at most 30, SmolLM2-135M's count),
+                 divided by L: tail (pass 1 on the tail rows, then pass 2) and dense+tail
+                 (given the layers' logsumexp)
 and checks the kernel paths against the references (max |a − b| / (1 + |b|)). Then, at T = 256,
 where a GPU is idle between launches, the host time per call of each (wall clock over 200 calls):
-what a capture adds per layer to a forward pass that is bound by kernel launches.
+what a capture adds per layer to a forward pass that is bound by kernel launches, for 30 layers
+captured in batches (the default on CUDA) and one by one.
 Usage: python benchmarks/bench_dense.py [T ...]
 """
 import sys
@@ -25,8 +30,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from profiler.capture import (LSE_BACKENDS, Recorder, attention_with_logsumexp, recording,  # noqa: E402
-                              tail_stats_torch)
+from profiler.capture import (BATCH_BYTES, LSE_BACKENDS, Recorder, attention_with_logsumexp,  # noqa: E402
+                              recording, tail_stats_torch)
 from profiler.dense import (dense_profile_reference, dense_profile_triton, profile_triton,  # noqa: E402
                             tail_profile_triton, triton_available)
 
@@ -83,6 +88,7 @@ def main(lengths: list[int]) -> None:
     if cuda:
         header += (f" {'dense 2-pass':>12} {'dense+tail':>10} {'tail':>8} {'tail 2-pass':>11} {'tail torch':>10}"
                    f" {'sdpa':>8}" + "".join(f" {name + '+lse':>14}" for name in LSE_BACKENDS) +
+                   f" {'L':>3} {'tail batched/layer':>18} {'dense batched/layer':>19}" +
                    f" {'(dense+tail)/sdpa':>17} {'err dense':>9} {'err lse':>8} {'err tail':>8}")
         warm = torch.randn(4096, 4096, device="cuda")
         for _ in range(200):              # a second of work: clocks up before the first timing
@@ -111,12 +117,23 @@ def main(lengths: list[int]) -> None:
             tail_two = milliseconds(lambda: tail_profile_triton(query, key, scale, window))
             tail_torch = milliseconds(lambda: tail_stats_torch(query, key, scale, None, window))
             plain = milliseconds(lambda: sdpa(query, key, value))
+            # L layers as a LayerBatch holds them: their heads stacked (the same q, k repeated)
+            per_layer = 2 * dim * (heads * length + kv_heads * length) + 4 * heads * length
+            layers = max(1, min(30, BATCH_BYTES // per_layer))
+            many_q, many_k = query.repeat(1, layers, 1, 1), key.repeat(1, layers, 1, 1)
+            many_lse = lse.repeat(1, layers, 1)
+            tail_batched = milliseconds(
+                lambda: tail_profile_triton(many_q[:, :, length - window:], many_k, scale, window)) / layers
+            dense_batched = milliseconds(
+                lambda: profile_triton(many_q, many_k, scale, tail_window=window, logsumexp=many_lse)) / layers
+            del many_q, many_k, many_lse
             want = dense_profile_reference(query, key, scale)
             torch_tail = tail_stats_torch(query, key, scale, None, window)
             dense, got_tail = profile_triton(query, key, scale, tail_window=window, logsumexp=lse)
             tail_err = max(error(got, getattr(torch_tail, f)) for got, f in zip(got_tail, ("A", "sink", "entropy")))
             row += (f" {both:>12.3f} {one_launch:>10.3f} {tail:>8.3f} {tail_two:>11.3f} {tail_torch:>10.3f}"
                     f" {plain:>8.3f}" + "".join(f" {fused_ms[name]:>14.3f}" for name in LSE_BACKENDS) +
+                    f" {layers:>3} {tail_batched:>18.3f} {dense_batched:>19.3f}" +
                     f" {one_launch / plain:>17.2f} {error(dense_profile_triton(query, key, scale), want):>9.1e}"
                     f" {error(dense, want):>8.1e} {tail_err:>8.1e}")
         print(row, flush=True)
@@ -126,26 +143,34 @@ def main(lengths: list[int]) -> None:
         key, value = (torch.randn(1, kv_heads, length, dim, device="cuda", dtype=torch.bfloat16) for _ in "kv")
         lse = next(out[1] for out in (lse_attention(n)(query, key, value, scale) for n in LSE_BACKENDS) if out)
         print(f"\nhost time per call at T = {length}, W = 32 (us): the GPU waits for the host here")
-        for name, fn in [("sdpa (the plain layer's attention)", lambda: sdpa(query, key, value)),
-                         *[(f"{n}+lse", lambda f=lse_attention(n): f(query, key, value, scale)) for n in LSE_BACKENDS],
-                         ("tail given lse (1 launch)", lambda: tail_profile_triton(query, key, scale, 32, logsumexp=lse)),
-                         ("tail, 2 launches", lambda: tail_profile_triton(query, key, scale, 32)),
-                         ("tail, torch", lambda: tail_stats_torch(query, key, scale, None, 32)),
-                         ("dense+tail given lse (1 launch)",
-                          lambda: profile_triton(query, key, scale, tail_window=32, logsumexp=lse)),
-                         ("dense+tail, 2 launches", lambda: profile_triton(query, key, scale, tail_window=32)),
-                         ("capture's whole layer, tail", lambda: capture_layer(query, key, value, scale, "tail")),
-                         ("capture's whole layer, dense", lambda: capture_layer(query, key, value, scale, "dense"))]:
-            print(f"  {name:36s} {host_microseconds(fn):8.1f}", flush=True)
+        for name, fn, per in [("sdpa (the plain layer's attention)", lambda: sdpa(query, key, value), 1),
+                              *[(f"{n}+lse", lambda f=lse_attention(n): f(query, key, value, scale), 1)
+                                for n in LSE_BACKENDS],
+                              ("tail given lse (1 launch)",
+                               lambda: tail_profile_triton(query, key, scale, 32, logsumexp=lse), 1),
+                              ("tail, 2 launches", lambda: tail_profile_triton(query, key, scale, 32), 1),
+                              ("tail, torch", lambda: tail_stats_torch(query, key, scale, None, 32), 1),
+                              ("dense+tail given lse (1 launch)",
+                               lambda: profile_triton(query, key, scale, tail_window=32, logsumexp=lse), 1),
+                              ("dense+tail, 2 launches", lambda: profile_triton(query, key, scale, tail_window=32), 1),
+                              *[(f"capture, {estimator}, {how} (per layer)",
+                                 lambda e=estimator, b=how == "batched": capture_layers(query, key, value, scale, e, b),
+                                 30)
+                                for estimator in ("tail", "dense") for how in ("batched", "one by one")]]:
+            print(f"  {name:36s} {host_microseconds(fn, 200 // per) / per:8.1f}", flush=True)
 
 
-def capture_layer(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
-                  estimator: str) -> torch.Tensor:
-    """What one layer's attention costs inside a capture: the registered attention function."""
+def capture_layers(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
+                   estimator: str, batched: bool, layers: int = 30) -> None:
+    """What a capture costs for `layers` layers' attention: the registered attention function for
+    each, then `finish` (the statistics on the host)."""
     from profiler.capture import _attnprof_attention
-    layer = SimpleNamespace(is_causal=True, layer_idx=0)
-    with recording(Recorder(estimator, 32)):
-        return _attnprof_attention(layer, query, key, value, None, scaling=scale)[0]
+    recorder = Recorder(estimator, 32, batch_layers=batched)
+    with recording(recorder):
+        for idx in range(layers):
+            _attnprof_attention(SimpleNamespace(is_causal=True, layer_idx=idx), query, key, value, None,
+                                scaling=scale)
+    recorder.finish()
 
 
 if __name__ == "__main__":

@@ -4,9 +4,12 @@ The streaming path registers an attention function named "attnprof" with transfo
 `AttentionInterface`. Each attention layer hands it post-RoPE queries (B, H, T, D) and keys
 (B, KV, T, D); it computes the statistics for the last W queries (the tail window), then returns
 the normal SDPA output, so the forward pass is the model's own. Memory is O(W·T) per block of
-heads; no T×T map is ever built. On CUDA the layer's attention runs through PyTorch's cuDNN or
-flash kernel instead, whose per-row logsumexp lets one Triton launch (dense.py) compute the
-statistics in O(T) memory. The fallback path hooks eager attention modules and reduces the
+heads; no T×T map is ever built. On CUDA, where a forward pass is bound by kernel launches up to
+several thousand tokens, layers are not reduced one by one: the Recorder copies their keys and
+queries (the last W, or all for the dense profile) into a `LayerBatch`, and one Triton launch
+(dense.py) reduces several layers at once in O(T) memory per layer; the dense profile's layers
+run their attention through PyTorch's cuDNN or flash kernel, whose per-row logsumexp spares the
+kernels a pass. The fallback path hooks eager attention modules and reduces the
 weights they return with the same reduction; the two agree (tests/test_capture.py).
 
 Tail-window estimator, for a probe of length T and queries i in [T-W, T):
@@ -29,6 +32,7 @@ from .errors import AttnprofError
 
 ATTN_NAME = "attnprof"
 HEAD_BLOCK_BYTES = 64 * 2**20     # scores of one head block stay under this
+BATCH_BYTES = 256 * 2**20         # the layers' copies kept for one batched kernel launch stay under this
 ESTIMATORS = ("tail", "dense", "taf")
 
 
@@ -179,14 +183,94 @@ def tail_stats_torch(query: torch.Tensor, key: torch.Tensor, scaling: float, mas
     return LayerStats(*(torch.cat([getattr(p, f) for p in parts], dim=1) for f in STAT_FIELDS))
 
 
-class Recorder:
-    """Collects one forward pass's per-layer statistics, keyed by layer index."""
+@dataclass
+class LayerBatch:
+    """Layers whose statistics wait for one Triton launch over all of them (see Recorder): copies
+    of their queries (the last R rows: the tail window's, or all with the dense profile), keys and
+    fused attention's logsumexp, stacked so that the layers' heads read as one layer's heads."""
+    signature: tuple
+    scaling: float
+    queries: torch.Tensor                 # (B, capacity, H, R, D)
+    keys: torch.Tensor                    # (B, capacity, KV, T, D)
+    logsumexp: torch.Tensor | None        # (B, capacity, H, R)
+    layers: list[int]
 
-    def __init__(self, estimator: str, window: int):
+    @classmethod
+    def empty(cls, signature: tuple, scaling: float, capacity: int, query: torch.Tensor, key: torch.Tensor,
+              rows: int, dtype: torch.dtype, logsumexp: bool) -> "LayerBatch":
+        (batch, heads, length, dim), kv_heads = query.shape, key.shape[1]
+        new = functools.partial(torch.empty, dtype=dtype, device=query.device)
+        return cls(signature, scaling, new(batch, capacity, heads, rows, dim),
+                   new(batch, capacity, kv_heads, length, dim),
+                   torch.empty(batch, capacity, heads, rows, device=query.device) if logsumexp else None, [])
+
+    @property
+    def full(self) -> bool:
+        return len(self.layers) == self.queries.shape[1]
+
+    def add(self, idx: int, query: torch.Tensor, key: torch.Tensor, logsumexp: torch.Tensor | None) -> None:
+        n, first = len(self.layers), query.shape[2] - self.queries.shape[3]
+        self.queries[:, n].copy_(query[:, :, first:])
+        self.keys[:, n].copy_(key)
+        if self.logsumexp is not None:
+            self.logsumexp[:, n].copy_(logsumexp[..., first:])
+        self.layers.append(idx)
+
+    def run(self, window: int, dense: bool) -> dict[int, LayerStats]:
+        """One pass-2 launch (two without a logsumexp) for every layer held; their statistics."""
+        from .dense import profile_triton
+        n, heads = len(self.layers), self.queries.shape[2]
+        profile, (A, sink, entropy) = profile_triton(
+            self.queries[:, :n].flatten(1, 2), self.keys[:, :n].flatten(1, 2), self.scaling, dense=dense,
+            tail_window=window, logsumexp=None if self.logsumexp is None else self.logsumexp[:, :n].flatten(1, 2))
+        local = A[..., : rules.LOCAL_MAX_DISTANCE + 1].sum(dim=-1)
+        fields = [t.unflatten(1, (n, heads)) for t in (profile if dense else A, sink, local, entropy)]
+        return {idx: LayerStats(*(t[:, k] for t in fields)) for k, idx in enumerate(self.layers)}
+
+
+class Recorder:
+    """Collects one forward pass's per-layer statistics, keyed by layer index.
+
+    On CUDA a GPU forward pass is bound by kernel launches up to several thousand tokens, so
+    layers of causal attention are not reduced one by one: their queries and keys are copied
+    into a `LayerBatch` (up to `batch_bytes` of copies) and one Triton launch over the batch
+    reduces them all, when it is full and in `finish`. The tail estimator then needs only the
+    last W queries; the layer's attention stays plain SDPA. `batch_layers`: None batches on
+    CUDA, True also elsewhere (Triton's interpreter, in tests), False never. Call `finish`.
+    """
+
+    def __init__(self, estimator: str, window: int, batch_layers: bool | None = None,
+                 batch_bytes: int = BATCH_BYTES):
         self.estimator = estimator
         self.window = window
+        self.batch_layers = batch_layers
+        self.batch_bytes = batch_bytes
         self.layers: dict[int, LayerStats] = {}
         self._calls = 0
+        self._batch: LayerBatch | None = None
+
+    def _capacity(self, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None,
+                  sliding_window: int | None) -> int:
+        """How many layers like this one a batch holds; 0 where this layer cannot be batched
+        (a mask, a sliding window, a length the queries and keys do not share, no triton)."""
+        from .dense import triton_available
+        (batch, heads, length, dim), kv_heads = query.shape, key.shape[1]
+        if (self.batch_layers is False or mask is not None or length <= 1 or key.shape[2] != length
+                or (sliding_window is not None and sliding_window < length)
+                or not (query.is_cuda or self.batch_layers) or not triton_available()):
+            return 0
+        dense = self.estimator == "dense"
+        rows = length if dense else self.window
+        per_layer = _batch_dtype(query).itemsize * batch * dim * (heads * rows + kv_heads * length) \
+            + (4 * batch * heads * length if dense else 0)
+        capacity = self.batch_bytes // per_layer
+        return capacity if capacity >= 2 else 0
+
+    def wants_logsumexp(self, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None,
+                        sliding_window: int | None) -> bool:
+        """Whether the layer's attention should run through a fused kernel for its logsumexp:
+        the dense profile and layers reduced on their own use it; a batched tail needs none."""
+        return self.estimator == "dense" or not self._capacity(query, key, mask, sliding_window)
 
     def layer_index(self, module: torch.nn.Module) -> int:
         idx = getattr(module, "layer_idx", None)
@@ -197,9 +281,32 @@ class Recorder:
 
     def record(self, module, query, key, mask, scaling, sliding_window=None, logsumexp=None) -> None:
         idx = self.layer_index(module)
-        stats = layer_stats(query, key, scaling, mask, self.window, self.estimator == "dense", sliding_window,
-                            logsumexp)
-        self.store(idx, stats)
+        capacity = self._capacity(query, key, mask, sliding_window)
+        if not capacity:
+            stats = layer_stats(query, key, scaling, mask, self.window, self.estimator == "dense", sliding_window,
+                                logsumexp)
+            self.store(idx, stats)
+            return
+        dense = self.estimator == "dense"
+        signature = (query.shape, key.shape, query.device, query.dtype, scaling, logsumexp is not None)
+        if self._batch is not None and self._batch.signature != signature:
+            self._run_batch()
+        if self._batch is None:
+            total = getattr(getattr(module, "config", None), "num_hidden_layers", None)
+            if isinstance(total, int) and total > idx:        # no room for layers the model lacks
+                capacity = min(capacity, total - idx)
+            self._batch = LayerBatch.empty(signature, scaling, capacity, query, key,
+                                           query.shape[2] if dense else self.window, _batch_dtype(query),
+                                           logsumexp is not None)
+        self._batch.add(idx, query, key, logsumexp)
+        if self._batch.full:
+            self._run_batch()
+
+    def _run_batch(self) -> None:
+        if self._batch is not None and self._batch.layers:
+            for idx, stats in self._batch.run(self.window, self.estimator == "dense").items():
+                self.store(idx, stats)
+        self._batch = None
 
     def store(self, idx: int, stats: LayerStats) -> None:
         """Keep a layer's statistics where they were computed: a device-to-host copy here would
@@ -209,6 +316,8 @@ class Recorder:
     def finish(self) -> "Recorder":
         """After the forward pass: move every layer's statistics to the CPU (one stacked copy per
         field and device, not one per layer) and refuse NaN/inf, naming the lowest bad layer."""
+        with torch.inference_mode():
+            self._run_batch()
         by_device: dict[torch.device, list[int]] = {}
         for idx in sorted(self.layers):
             by_device.setdefault(self.layers[idx].A.device, []).append(idx)
@@ -228,6 +337,11 @@ class Recorder:
                 raise AttnprofError(f"NaN or inf in the attention of layer {idx}: the model's weights or "
                                     "inputs are broken (try --dtype float32)")
         return self
+
+
+def _batch_dtype(query: torch.Tensor) -> torch.dtype:
+    """The dtype a LayerBatch keeps queries and keys in: the query's, if the kernels take it."""
+    return query.dtype if query.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
 
 
 _ACTIVE: list[Recorder] = []
@@ -310,8 +424,11 @@ def _attnprof_attention(module, query, key, value, attention_mask, dropout: floa
     if _ACTIVE:
         recorder = _ACTIVE[-1]
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        fused = attention_with_logsumexp(module, query, key, value, attention_mask, dropout, scale, kwargs)
-        recorder.record(module, query, key, attention_mask, scale, kwargs.get("sliding_window"),
+        sliding_window = kwargs.get("sliding_window")
+        fused = None
+        if recorder.wants_logsumexp(query, key, attention_mask, sliding_window):
+            fused = attention_with_logsumexp(module, query, key, value, attention_mask, dropout, scale, kwargs)
+        recorder.record(module, query, key, attention_mask, scale, sliding_window,
                         logsumexp=None if fused is None else fused[1])
         if fused is not None:
             return fused[0], None

@@ -50,14 +50,16 @@ __all__ = [
 ]
 
 
-def _check_inputs(query: torch.Tensor, key: torch.Tensor, sliding_window: int | None) -> int:
-    """Validate shapes/dtypes and return the effective window (T when there is none)."""
+def _check_inputs(query: torch.Tensor, key: torch.Tensor, sliding_window: int | None,
+                  last_rows: bool = False) -> int:
+    """Validate shapes/dtypes and return the effective window (T when there is none).
+    `last_rows`: the query may hold only the last R ≤ T of the T queries."""
     if query.dim() != 4 or key.dim() != 4:
         raise ValueError(f"query and key must be 4-D (B, H, T, D) and (B, KV, T, D); "
                          f"got {tuple(query.shape)} and {tuple(key.shape)}")
-    batch, heads, length, dim = query.shape
-    kb, kv_heads, kt, kd = key.shape
-    if (kb, kt, kd) != (batch, length, dim):
+    batch, heads, rows, dim = query.shape
+    kb, kv_heads, length, kd = key.shape
+    if (kb, kd) != (batch, dim) or not (rows == length or last_rows and 1 <= rows <= length):
         raise ValueError(f"key {tuple(key.shape)} does not match query {tuple(query.shape)} "
                          f"in batch, length or head dim")
     if kv_heads < 1 or heads % kv_heads:
@@ -239,10 +241,11 @@ def _kernel_constants(dtype: torch.dtype, head_dim: int, blocks: TritonBlocks, i
 
 def _runtime_args(query: torch.Tensor, key: torch.Tensor, scaling: float | None, window: int,
                   row_lo: int) -> dict[str, Any]:
-    """The kernels' run-time arguments: sizes, the first query row, the log2-unit logit scale
-    and every stride."""
+    """The kernels' run-time arguments: sizes, the first query row to compute, the first one
+    `query` holds (it may hold the last rows only), the log2-unit logit scale and every stride."""
     return dict(
-        T=query.shape[2], H=query.shape[1], G=query.shape[1] // key.shape[1], window=window, row_lo=row_lo,
+        T=key.shape[2], H=query.shape[1], G=query.shape[1] // key.shape[1], window=window, row_lo=row_lo,
+        q_first=key.shape[2] - query.shape[2],
         qk_scale=_scale(scaling, query.shape[3]) * math.log2(math.e),
         stride_qb=query.stride(0), stride_qh=query.stride(1),
         stride_qt=query.stride(2), stride_qd=query.stride(3),
@@ -262,7 +265,7 @@ def _row_stats_triton(query: torch.Tensor, key: torch.Tensor, scaling: float | N
     """Pass 1 over queries row_lo … T−1: each row's softmax max and sum in log2 units, a
     (2, B·H·(T − row_lo)) fp32 tensor."""
     kernels = _triton_kernels()
-    batch, heads, length, dim = query.shape
+    (batch, heads, _, dim), length = query.shape, key.shape[2]
     stats, _, options, _ = _kernel_constants(query.dtype, dim, blocks, not query.is_cuda)
     rows = torch.empty(2, batch * heads * (length - row_lo), dtype=torch.float32, device=query.device)
     grid = (kernels["triton"].cdiv(length - row_lo, blocks.stats_m), batch * heads)
@@ -290,7 +293,7 @@ def _distance_bins_triton(query: torch.Tensor, key: torch.Tensor, scaling: float
     (None: 1, as for a logsumexp). `dense`: the dense sums; `tail_window` W > 0: also the tail
     statistics of the last W rows (causal attention without a sliding window only)."""
     kernels = _triton_kernels()
-    batch, heads, length, dim = query.shape
+    (batch, heads, _, dim), length = query.shape, key.shape[2]
     _, bins, _, options = _kernel_constants(query.dtype, dim, blocks, not query.is_cuda, dense,
                                             tail_window > 0, row_sum is not None)
     bh = batch * heads
@@ -340,16 +343,18 @@ def profile_triton(query: torch.Tensor, key: torch.Tensor, scaling: float | None
     """The dense profile and/or the tail-window statistics from one pass over the scores.
 
     Returns (dense profile (B, H, T) or None, (A (B, H, T − W + 1), sink (B, H), entropy (B, H))
-    or None). Pass 1 (row max and sum) runs unless `logsumexp` (B, H, T), natural log, as a
+    or None). Pass 1 (row max and sum) runs unless `logsumexp` (B, H, R), natural log, as a
     fused attention returns it beside its output, is given; then one kernel launch does it all.
-    The tail statistics need causal attention without a sliding window.
+    The tail statistics need causal attention without a sliding window. `query` (B, H, R, D)
+    may hold only the last R ≥ W of the T queries when the dense profile is not asked for:
+    the tail needs no others (capture.py keeps just those).
     """
-    window = _check_inputs(query, key, sliding_window)
-    batch, heads, length, _ = query.shape
+    window = _check_inputs(query, key, sliding_window, last_rows=not dense)
+    (batch, heads, rows, _), length = query.shape, key.shape[2]
     if not (dense or tail_window):
         raise ValueError("nothing to compute: ask for the dense profile, a tail window or both")
-    if tail_window and not (1 <= tail_window <= length and window == length):
-        raise ValueError(f"the tail window must be in 1 … {length}, without a sliding window "
+    if tail_window and not (1 <= tail_window <= rows and window == length):
+        raise ValueError(f"the tail window must be in 1 … {rows}, without a sliding window "
                          f"(got {tail_window}, sliding window {sliding_window})")
     query, key = _kernel_inputs(query, key)
     blocks = blocks or TritonBlocks.for_dtype(query.dtype, query.shape[3])
@@ -360,8 +365,8 @@ def profile_triton(query: torch.Tensor, key: torch.Tensor, scaling: float | None
                                      dense=dense, tail_window=tail_window)
     else:
         if logsumexp.shape != query.shape[:3]:
-            raise ValueError(f"logsumexp must be (B, H, T) = {tuple(query.shape[:3])}, got {tuple(logsumexp.shape)}")
-        natural = logsumexp.float()[..., row_lo:].contiguous().view(-1)
+            raise ValueError(f"logsumexp must be (B, H, R) = {tuple(query.shape[:3])}, got {tuple(logsumexp.shape)}")
+        natural = logsumexp.float()[..., row_lo - (length - rows):].contiguous().view(-1)
         sums = _distance_bins_triton(query, key, scaling, window, blocks, natural, None, row_lo=row_lo,
                                      dense=dense, tail_window=tail_window,
                                      max_scale=math.log2(math.e))      # pass 2 works in log2 units

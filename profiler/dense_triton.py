@@ -12,7 +12,7 @@ import triton.language as tl
 
 
 @triton.jit
-def row_stats_kernel(q_ptr, k_ptr, m_ptr, l_ptr, T, H, G, window, row_lo, qk_scale,
+def row_stats_kernel(q_ptr, k_ptr, m_ptr, l_ptr, T, H, G, window, row_lo, q_first, qk_scale,
                      stride_qb, stride_qh, stride_qt, stride_qd,
                      stride_kb, stride_kh, stride_kt, stride_kd,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -20,12 +20,13 @@ def row_stats_kernel(q_ptr, k_ptr, m_ptr, l_ptr, T, H, G, window, row_lo, qk_sca
                      PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
     # Pass 1, flash style: online row max m_i and sum l_i of 2^(score·log2 e) over the
     # visible keys of BLOCK_M queries among rows row_lo … T−1 (the stats buffers hold those
-    # rows only). Scores are in log2 units (qk_scale has log2 e).
+    # rows only). Scores are in log2 units (qk_scale has log2 e). q_ptr holds queries
+    # q_first … T−1 (q_first <= row_lo): q_base is where row 0 would be.
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = bh % H
-    q_base = q_ptr + b * stride_qb + h.to(tl.int64) * stride_qh
+    q_base = q_ptr + b * stride_qb + h.to(tl.int64) * stride_qh - q_first * stride_qt
     k_base = k_ptr + b * stride_kb + (h // G).to(tl.int64) * stride_kh
     row_start = row_lo + pid_m * BLOCK_M
     rows = row_start + tl.arange(0, BLOCK_M)
@@ -150,7 +151,7 @@ def tail_tile(acc, q_base, k_base, m_ptr, l_ptr, rowstat_ptr, bh, BH, i0, d0, T,
 
 @triton.jit
 def distance_bins_kernel(q_ptr, k_ptr, m_ptr, l_ptr, out_ptr, tail_ptr, rowstat_ptr,
-                         T, H, G, window, row_lo, tail_lo, m_scale, qk_scale,
+                         T, H, G, window, row_lo, q_first, tail_lo, m_scale, qk_scale,
                          stride_qb, stride_qh, stride_qt, stride_qd,
                          stride_kb, stride_kh, stride_kt, stride_kd,
                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -161,8 +162,9 @@ def distance_bins_kernel(q_ptr, k_ptr, m_ptr, l_ptr, out_ptr, tail_ptr, rowstat_
     # row statistics (m in log2 units with m_scale = 1 and l from pass 1, or a natural-log
     # logsumexp with m_scale = log2 e and no l). DENSE: n_i · P summed by distance into out.
     # TAIL: the tail window's statistics for rows tail_lo … T−1 (see tail_tile) into tail and
-    # rowstat. Programs take ROWS_PER_PROGRAM queries from the multiple of ROWS at or below
-    # row_lo, in tiles of ROWS rows starting at multiples i0 of ROWS. Tile row r, column c
+    # rowstat. q_ptr holds queries q_first … T−1 (q_first <= row_lo; rows below row_lo are
+    # masked, never read). Programs take ROWS_PER_PROGRAM queries from the multiple of ROWS at
+    # or below row_lo, in tiles of ROWS rows starting at multiples i0 of ROWS. Tile row r, column c
     # pairs query i0 + r with key i0 − d0 − c, i.e. distance d0 + r + c whatever i0 is, so the
     # weights accumulate in registers and reach memory once per program (ROWS·DISTS atomics),
     # not once per (query, key) pair. Each visible pair (i, d) lands in exactly one program:
@@ -178,7 +180,7 @@ def distance_bins_kernel(q_ptr, k_ptr, m_ptr, l_ptr, out_ptr, tail_ptr, rowstat_
     if start < end:
         b = (bh // H).to(tl.int64)
         h = bh % H
-        q_base = q_ptr + b * stride_qb + h.to(tl.int64) * stride_qh
+        q_base = q_ptr + b * stride_qb + h.to(tl.int64) * stride_qh - q_first * stride_qt
         k_base = k_ptr + b * stride_kb + (h // G).to(tl.int64) * stride_kh
         dist = d0 + tl.arange(0, ROWS)[:, None] + tl.arange(0, DISTS)[None, :]
         if DENSE:

@@ -190,6 +190,13 @@ def interpreter_cases() -> list[dict[str, Any]]:
         dict(dtype="float16", length=64, dim=32, batch=2, transposed=True, tail=8),
         dict(dtype="float16", length=64, dim=32, batch=2, transposed=True, tail=8, both=True, lse=True),
     ]
+    # the tail from a query that holds only its last rows (as capture's layer batches keep it)
+    cases += [
+        dict(dtype="float32", length=100, dim=32, tail=12, small=True, rows=12),
+        dict(dtype="float32", length=100, dim=16, kv_heads=1, tail=9, small=True, rows=40),
+        dict(dtype="bfloat16", length=72, dim=32, tail=9, small=True, rows=9, lse=True),
+        dict(dtype="float16", length=64, dim=32, batch=2, transposed=True, tail=8, rows=20),
+    ]
     for dtype in ("float16", "bfloat16"):
         cases += [
             dict(dtype=dtype, length=33, dim=16),
@@ -224,7 +231,7 @@ def run_interpreter_case(case: dict[str, Any]) -> dict[str, Any]:
     # lse: pass 1 skipped, its result given as the natural-log normaliser flash attention returns
     lse = causal_logsumexp(query, key, dim ** -0.5) if case.get("lse") else None
     if case.get("tail"):
-        return run_tail_case(query, key, case["tail"], blocks, lse, case.get("both", False))
+        return run_tail_case(query, key, case["tail"], blocks, lse, case.get("both", False), case.get("rows"))
     got = dense_profile_triton(query, key, dim ** -0.5, window, blocks=blocks, logsumexp=lse)
     want = dense_profile_reference(query, key, dim ** -0.5, window)
     finite = want.isfinite()
@@ -316,14 +323,16 @@ def peak_extra_bytes(control_only: bool = False) -> dict[str, Any]:
 
 
 def run_tail_case(query: torch.Tensor, key: torch.Tensor, window: int, blocks: TritonBlocks | None,
-                  lse: torch.Tensor | None, both: bool) -> dict[str, Any]:
+                  lse: torch.Tensor | None, both: bool, rows: int | None = None) -> dict[str, Any]:
     """profile_triton's tail statistics against capture.tail_stats_torch (and, with `both`, its
-    dense profile against the reference): the largest error over A, sink, entropy (and dense)."""
+    dense profile against the reference): the largest error over A, sink, entropy (and dense).
+    `rows`: the kernels get only the last `rows` queries (and their logsumexp)."""
     from profiler.capture import tail_stats_torch
     from profiler.dense import profile_triton
     dim = query.shape[-1]
-    dense, tail = profile_triton(query, key, dim ** -0.5, dense=both, tail_window=window, logsumexp=lse,
-                                 blocks=blocks)
+    last = slice(query.shape[2] - (rows or query.shape[2]), None)
+    dense, tail = profile_triton(query[:, :, last], key, dim ** -0.5, dense=both, tail_window=window,
+                                 logsumexp=None if lse is None else lse[..., last], blocks=blocks)
     want = tail_stats_torch(query, key, dim ** -0.5, None, window)
     pairs = list(zip(tail, (want.A, want.sink, want.entropy)))
     if both:
@@ -333,6 +342,67 @@ def run_tail_case(query: torch.Tensor, key: torch.Tensor, window: int, blocks: T
     return dict(error=max(((g - w).abs() / (1 + w.abs())).nan_to_num().max().item() for g, w in pairs),
                 nan_match=all(g.shape == w.shape and torch.equal(g.isnan(), w.isnan()) for g, w in pairs),
                 exact_one=None)
+
+
+# capture.Recorder's layer batches: (case, estimator, layers per launch). A 5-layer GQA model
+# (4 heads, 2 KV, head dim 16) at T = 90, W = 12, with the batch budget for all layers, for two
+# (2 · one layer's copies: fp32 queries R × 4 heads + keys 90 × 2 heads, + the dense profile's
+# fp32 logsumexp unused here), or for none (1 byte: every layer on its own, in torch); then
+# layers recorded by hand whose scale (or logsumexp) changes, which must start a new batch.
+BATCHED_CASES = [("model-all", "tail", [5]), ("model-two", "tail", [2, 2, 1]), ("model-none", "tail", []),
+                 ("model-all", "dense", [5]), ("model-two", "dense", [2, 2, 1]), ("model-none", "dense", []),
+                 ("by-hand", "tail", [2, 1]), ("by-hand", "dense", [2, 1])]
+
+
+def run_batched_case(name: str, estimator: str) -> dict[str, Any]:
+    """Layers reduced in batches (one launch for several layers, Triton) against the same layers
+    reduced one by one (torch): the largest error over every statistic, NaNs, the batch sizes."""
+    from profiler import capture as cap
+
+    sizes: list[int] = []
+    run = cap.LayerBatch.run
+    cap.LayerBatch.run = lambda self, *args: sizes.append(len(self.layers)) or run(self, *args)
+    try:
+        return _batched_case(name, estimator, cap, sizes)
+    finally:
+        cap.LayerBatch.run = run
+
+
+def _batched_case(name: str, estimator: str, cap: Any, sizes: list[int]) -> dict[str, Any]:
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from conftest import tiny_model
+    window, dense = 12, estimator == "dense"
+    if name.startswith("model"):
+        cap.register()
+        model = tiny_model("llama", num_hidden_layers=5, num_key_value_heads=2)
+        model.set_attn_implementation(cap.ATTN_NAME)
+        ids = torch.as_tensor(np.random.default_rng(1).integers(0, 300, size=(1, 90)))
+        one_layer = 4 * 16 * (4 * (90 if dense else window) + 2 * 90) + (4 * 4 * 90 if dense else 0)
+        budget = {"model-all": cap.BATCH_BYTES, "model-two": 2 * one_layer, "model-none": 1}[name]
+
+        def record(**options: Any) -> dict[int, Any]:
+            with cap.recording(cap.Recorder(estimator, window, **options)) as rec, torch.inference_mode():
+                model(input_ids=ids, use_cache=False)
+            return rec.finish().layers
+        want = record(batch_layers=False)
+        got = record(batch_layers=True, batch_bytes=budget)
+    else:
+        query, key = random_qk(1, 4, 2, 60, 16, seed=3)
+        layers = [(query, 0.25), (query.flip(2), 0.25), (query, 0.5)]      # the third's scale differs
+        rec = cap.Recorder(estimator, window, batch_layers=True)
+        want = {}
+        for idx, (q, scale) in enumerate(layers):
+            lse = causal_logsumexp(q, key, scale) if dense and idx < 2 else None     # the third has none
+            rec.record(SimpleNamespace(layer_idx=idx), q, key, None, scale, logsumexp=lse)
+            want[idx] = cap.layer_stats(q, key, scale, None, window, dense)
+        got = rec.finish().layers
+    pairs = [(getattr(got[i], f), getattr(want[i], f).float()) for i in want for f in cap.STAT_FIELDS]
+    return dict(sizes=sizes, layers=sorted(got) == sorted(want),
+                error=max(((g - w).abs() / (1 + w.abs())).nan_to_num().max().item() for g, w in pairs),
+                nan_match=all(g.shape == w.shape and torch.equal(g.isnan(), w.isnan()) for g, w in pairs))
 
 
 def run_worker(*args: str, interpret: bool = False, timeout: float = 120) -> Any:
@@ -366,6 +436,23 @@ def test_triton_interpreter_matches_reference(case: dict[str, Any],
         assert result["exact_one"], result
 
 
+@pytest.fixture(scope="module")
+def batched_results() -> dict[str, dict[str, Any]]:
+    return run_worker("batched", interpret=True)
+
+
+@NEEDS_INTERPRETER
+@pytest.mark.parametrize("name,estimator,sizes", BATCHED_CASES)
+def test_layer_batches_match_layers_one_by_one(name: str, estimator: str, sizes: list[int],
+                                               batched_results: dict[str, dict[str, Any]]) -> None:
+    """A GPU capture reduces several layers per Triton launch: the result must not depend on how
+    the layers were grouped, and the groups must be what the memory budget allows."""
+    result = batched_results[f"{name}-{estimator}"]
+    assert result["sizes"] == sizes, result
+    assert result["layers"] and result["nan_match"], result
+    assert result["error"] <= 1e-5, result
+
+
 @NEEDS_TRITON
 def test_triton_kernels_compile_for_sm90() -> None:
     if importlib.util.find_spec("triton.backends.nvidia") is None:
@@ -387,6 +474,8 @@ def test_reference_memory_is_not_quadratic() -> None:
 def main(mode: str, *args: str) -> None:
     if mode == "interpret":
         results = {case_id(case): run_interpreter_case(case) for case in interpreter_cases()}
+    elif mode == "batched":
+        results = {f"{name}-{estimator}": run_batched_case(name, estimator) for name, estimator, _ in BATCHED_CASES}
     elif mode == "compile":
         results = compile_for_sm90()
     else:

@@ -5,6 +5,8 @@
 - the tail-window kernels on hardware (alone and beside the dense sums, with and without a
   logsumexp) against the torch tail statistics and the dense reference;
 - cuDNN's and flash attention's logsumexp, which lets the dense kernels skip their first pass;
+- layers reduced in batches (one launch for several layers, the default on CUDA) against the same
+  layers reduced one by one, inside a bf16 model;
 - a whole capture on the GPU (tail and dense) against the same model's capture on the CPU, whose
   paths are checked against eager attention weights in test_capture.py;
 - a model split across devices (`device_map`): layers on two GPUs (the kernels launched on each
@@ -124,7 +126,7 @@ def test_fused_attention_inside_a_model_equals_sdpa(monkeypatch, estimator):
     ids = torch.as_tensor(np.random.default_rng(9).integers(0, 300, size=(1, 300)), device="cuda")
 
     def run() -> tuple[torch.Tensor, cap.Recorder]:
-        with cap.recording(cap.Recorder(estimator, 32)) as rec, torch.inference_mode():
+        with cap.recording(cap.Recorder(estimator, 32, batch_layers=False)) as rec, torch.inference_mode():
             logits = model(input_ids=ids, use_cache=False).logits.float()
         return logits, rec.finish()
 
@@ -139,6 +141,38 @@ def test_fused_attention_inside_a_model_equals_sdpa(monkeypatch, estimator):
     for field in cap.STAT_FIELDS:
         torch.testing.assert_close(getattr(fused.layers[0], field), getattr(two_launch.layers[0], field),
                                    rtol=2e-4, atol=1e-6, equal_nan=True, msg=field)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("estimator", ["tail", "dense"])
+@pytest.mark.parametrize("rows", [300, 2048])
+def test_layer_batches_on_gpu_equal_layers_one_by_one(monkeypatch, estimator, rows):
+    """In a bf16 GQA model the default GPU capture reduces all its layers in one batch (a batched
+    tail asks for no fused attention; a dense batch keeps each layer's logsumexp); every layer's
+    statistics equal those of the layer-by-layer capture."""
+    cap.register()
+    model = tiny_model("llama", num_hidden_layers=4, num_key_value_heads=2,
+                       max_position_embeddings=4096).to("cuda", torch.bfloat16)
+    model.set_attn_implementation(cap.ATTN_NAME)
+    ids = torch.as_tensor(np.random.default_rng(4).integers(0, 300, size=(1, rows)), device="cuda")
+
+    def run(batch_layers: bool | None) -> cap.Recorder:
+        with cap.recording(cap.Recorder(estimator, 64, batch_layers=batch_layers)) as rec, torch.inference_mode():
+            model(input_ids=ids, use_cache=False, logits_to_keep=1)
+        return rec.finish()
+
+    batches, fused = [], []
+    run_batch, with_lse = cap.LayerBatch.run, cap.attention_with_logsumexp
+    monkeypatch.setattr(cap.LayerBatch, "run", lambda self, *a: batches.append(len(self.layers)) or run_batch(self, *a))
+    monkeypatch.setattr(cap, "attention_with_logsumexp", lambda *a: fused.append(1) or with_lse(*a))
+    batched = run(None)
+    assert batches == [4] and len(fused) == (4 if estimator == "dense" else 0)
+    one_by_one = run(False)
+    assert batches == [4]
+    for idx in range(4):
+        for field in cap.STAT_FIELDS:
+            torch.testing.assert_close(getattr(batched.layers[idx], field), getattr(one_by_one.layers[idx], field),
+                                       rtol=2e-4, atol=1e-6, equal_nan=True, msg=f"layer {idx} {field}")
 
 
 def capture_on(model: torch.nn.Module, ids: np.ndarray, estimator: str) -> cap.Capture:
