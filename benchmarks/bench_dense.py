@@ -12,8 +12,8 @@ On CPU it times the chunked torch reference. On a CUDA machine with triton it al
                  or flash kernel, which also return the logsumexp (what a capture runs instead)
   batched/layer  the launches a capture makes for a batch of L layers (capture.LayerBatch: as
                  many as BATCH_BYTES of copies allow, at most 30, SmolLM2-135M's count),
-                 divided by L: tail (pass 1 on the tail rows, then pass 2) and dense+tail
-                 (given the layers' logsumexp)
+                 divided by L: tail (the last W queries; pass 1 on them, then pass 2) and
+                 dense+tail (all queries, given the layers' logsumexp: one launch)
 and checks the kernel paths against the references (max |a − b| / (1 + |b|)). Then, at T = 256,
 where a GPU is idle between launches, the host time per call of each (wall clock over 200 calls):
 what a capture adds per layer to a forward pass that is bound by kernel launches, for 30 layers
@@ -88,7 +88,7 @@ def main(lengths: list[int]) -> None:
     if cuda:
         header += (f" {'dense 2-pass':>12} {'dense+tail':>10} {'tail':>8} {'tail 2-pass':>11} {'tail torch':>10}"
                    f" {'sdpa':>8}" + "".join(f" {name + '+lse':>14}" for name in LSE_BACKENDS) +
-                   f" {'L':>3} {'tail batched/layer':>18} {'dense batched/layer':>19}" +
+                   f" {'tail L':>6} {'tail batched/layer':>18} {'dense L':>7} {'dense batched/layer':>19}" +
                    f" {'(dense+tail)/sdpa':>17} {'err dense':>9} {'err lse':>8} {'err tail':>8}")
         warm = torch.randn(4096, 4096, device="cuda")
         for _ in range(200):              # a second of work: clocks up before the first timing
@@ -117,13 +117,15 @@ def main(lengths: list[int]) -> None:
             tail_two = milliseconds(lambda: tail_profile_triton(query, key, scale, window))
             tail_torch = milliseconds(lambda: tail_stats_torch(query, key, scale, None, window))
             plain = milliseconds(lambda: sdpa(query, key, value))
-            # L layers as a LayerBatch holds them: their heads stacked (the same q, k repeated)
-            per_layer = 2 * dim * (heads * length + kv_heads * length) + 4 * heads * length
-            layers = max(1, min(30, BATCH_BYTES // per_layer))
+            # L layers as a LayerBatch holds them: their heads stacked (the same q, k repeated); a
+            # tail batch keeps the last W queries, a dense one all of them and their logsumexp
+            tail_layers = max(1, min(30, BATCH_BYTES // (2 * dim * (heads * window + kv_heads * length))))
+            layers = max(1, min(30, BATCH_BYTES // (2 * dim * (heads + kv_heads) * length + 4 * heads * length)))
+            many_q = query[:, :, length - window:].repeat(1, tail_layers, 1, 1)
+            many_k = key.repeat(1, tail_layers, 1, 1)
+            tail_batched = milliseconds(lambda: tail_profile_triton(many_q, many_k, scale, window)) / tail_layers
             many_q, many_k = query.repeat(1, layers, 1, 1), key.repeat(1, layers, 1, 1)
             many_lse = lse.repeat(1, layers, 1)
-            tail_batched = milliseconds(
-                lambda: tail_profile_triton(many_q[:, :, length - window:], many_k, scale, window)) / layers
             dense_batched = milliseconds(
                 lambda: profile_triton(many_q, many_k, scale, tail_window=window, logsumexp=many_lse)) / layers
             del many_q, many_k, many_lse
@@ -133,7 +135,7 @@ def main(lengths: list[int]) -> None:
             tail_err = max(error(got, getattr(torch_tail, f)) for got, f in zip(got_tail, ("A", "sink", "entropy")))
             row += (f" {both:>12.3f} {one_launch:>10.3f} {tail:>8.3f} {tail_two:>11.3f} {tail_torch:>10.3f}"
                     f" {plain:>8.3f}" + "".join(f" {fused_ms[name]:>14.3f}" for name in LSE_BACKENDS) +
-                    f" {layers:>3} {tail_batched:>18.3f} {dense_batched:>19.3f}" +
+                    f" {tail_layers:>6} {tail_batched:>18.3f} {layers:>7} {dense_batched:>19.3f}" +
                     f" {one_launch / plain:>17.2f} {error(dense_profile_triton(query, key, scale), want):>9.1e}"
                     f" {error(dense, want):>8.1e} {tail_err:>8.1e}")
         print(row, flush=True)
@@ -168,8 +170,9 @@ def capture_layers(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     recorder = Recorder(estimator, 32, batch_layers=batched)
     with recording(recorder):
         for idx in range(layers):
-            _attnprof_attention(SimpleNamespace(is_causal=True, layer_idx=idx), query, key, value, None,
-                                scaling=scale)
+            layer = SimpleNamespace(is_causal=True, layer_idx=idx,       # as transformers' attention modules
+                                    num_key_value_groups=query.shape[1] // key.shape[1])
+            _attnprof_attention(layer, query, key, value, None, scaling=scale)
     recorder.finish()
 
 

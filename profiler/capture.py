@@ -6,10 +6,10 @@ The streaming path registers an attention function named "attnprof" with transfo
 the normal SDPA output, so the forward pass is the model's own. Memory is O(W·T) per block of
 heads; no T×T map is ever built. On CUDA, where a forward pass is bound by kernel launches up to
 several thousand tokens, layers are not reduced one by one: the Recorder copies their keys and
-queries (the last W, or all for the dense profile) into a `LayerBatch`, and one Triton launch
-(dense.py) reduces several layers at once in O(T) memory per layer; the dense profile's layers
-run their attention through PyTorch's cuDNN or flash kernel, whose per-row logsumexp spares the
-kernels a pass. The fallback path hooks eager attention modules and reduces the
+queries (the last W, or all for the dense profile) into a `LayerBatch`, and the Triton kernels
+(dense.py) reduce several layers per launch in O(T) memory per layer: two launches for the tail,
+one for the dense profile, whose layers run their attention through PyTorch's cuDNN or flash
+kernel for its per-row logsumexp. The fallback path hooks eager attention modules and reduces the
 weights they return with the same reduction; the two agree (tests/test_capture.py).
 
 Tail-window estimator, for a probe of length T and queries i in [T-W, T):
@@ -33,6 +33,7 @@ from .errors import AttnprofError
 ATTN_NAME = "attnprof"
 HEAD_BLOCK_BYTES = 64 * 2**20     # scores of one head block stay under this
 BATCH_BYTES = 256 * 2**20         # the layers' copies kept for one batched kernel launch stay under this
+MAX_GRID = 65535                  # CUDA's limit on a launch grid's y and z sizes: B · layers · H of a batch
 ESTIMATORS = ("tail", "dense", "taf")
 
 
@@ -202,7 +203,8 @@ class LayerBatch:
         new = functools.partial(torch.empty, dtype=dtype, device=query.device)
         return cls(signature, scaling, new(batch, capacity, heads, rows, dim),
                    new(batch, capacity, kv_heads, length, dim),
-                   torch.empty(batch, capacity, heads, rows, device=query.device) if logsumexp else None, [])
+                   torch.empty(batch, capacity, heads, rows, dtype=torch.float32, device=query.device)
+                   if logsumexp else None, [])
 
     @property
     def full(self) -> bool:
@@ -217,7 +219,7 @@ class LayerBatch:
         self.layers.append(idx)
 
     def run(self, window: int, dense: bool) -> dict[int, LayerStats]:
-        """One pass-2 launch (two without a logsumexp) for every layer held; their statistics."""
+        """One launch (two without a logsumexp: pass 1 first) for every layer held; their statistics."""
         from .dense import profile_triton
         n, heads = len(self.layers), self.queries.shape[2]
         profile, (A, sink, entropy) = profile_triton(
@@ -233,10 +235,11 @@ class Recorder:
 
     On CUDA a GPU forward pass is bound by kernel launches up to several thousand tokens, so
     layers of causal attention are not reduced one by one: their queries and keys are copied
-    into a `LayerBatch` (up to `batch_bytes` of copies) and one Triton launch over the batch
-    reduces them all, when it is full and in `finish`. The tail estimator then needs only the
-    last W queries; the layer's attention stays plain SDPA. `batch_layers`: None batches on
-    CUDA, True also elsewhere (Triton's interpreter, in tests), False never. Call `finish`.
+    into a `LayerBatch` (up to `batch_bytes` of copies) and the Triton kernels reduce them all
+    in one or two launches, when it is full and in `flush` (which `finish` and the end of
+    `recording` call). The tail estimator then needs only the last W queries; the layer's
+    attention stays plain SDPA. `batch_layers`: None batches on CUDA, True also elsewhere
+    (Triton's interpreter, in tests), False never.
     """
 
     def __init__(self, estimator: str, window: int, batch_layers: bool | None = None,
@@ -263,7 +266,7 @@ class Recorder:
         rows = length if dense else self.window
         per_layer = _batch_dtype(query).itemsize * batch * dim * (heads * rows + kv_heads * length) \
             + (4 * batch * heads * length if dense else 0)
-        capacity = self.batch_bytes // per_layer
+        capacity = min(self.batch_bytes // per_layer, MAX_GRID // (batch * heads))
         return capacity if capacity >= 2 else 0
 
     def wants_logsumexp(self, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None,
@@ -290,22 +293,29 @@ class Recorder:
         dense = self.estimator == "dense"
         signature = (query.shape, key.shape, query.device, query.dtype, scaling, logsumexp is not None)
         if self._batch is not None and self._batch.signature != signature:
-            self._run_batch()
+            self.flush()
         if self._batch is None:
             total = getattr(getattr(module, "config", None), "num_hidden_layers", None)
             if isinstance(total, int) and total > idx:        # no room for layers the model lacks
                 capacity = min(capacity, total - idx)
-            self._batch = LayerBatch.empty(signature, scaling, capacity, query, key,
-                                           query.shape[2] if dense else self.window, _batch_dtype(query),
-                                           logsumexp is not None)
+            try:
+                self._batch = LayerBatch.empty(signature, scaling, capacity, query, key,
+                                               query.shape[2] if dense else self.window, _batch_dtype(query),
+                                               logsumexp is not None)
+            except torch.OutOfMemoryError:      # no room for a batch on this device: this layer alone
+                self.store(idx, layer_stats(query, key, scaling, mask, self.window, dense, sliding_window,
+                                            logsumexp))
+                return
         self._batch.add(idx, query, key, logsumexp)
         if self._batch.full:
-            self._run_batch()
+            self.flush()
 
-    def _run_batch(self) -> None:
+    def flush(self) -> None:
+        """Reduce the layers waiting in a batch, if any (the end of a forward pass)."""
         if self._batch is not None and self._batch.layers:
-            for idx, stats in self._batch.run(self.window, self.estimator == "dense").items():
-                self.store(idx, stats)
+            with torch.inference_mode():
+                for idx, stats in self._batch.run(self.window, self.estimator == "dense").items():
+                    self.store(idx, stats)
         self._batch = None
 
     def store(self, idx: int, stats: LayerStats) -> None:
@@ -316,8 +326,7 @@ class Recorder:
     def finish(self) -> "Recorder":
         """After the forward pass: move every layer's statistics to the CPU (one stacked copy per
         field and device, not one per layer) and refuse NaN/inf, naming the lowest bad layer."""
-        with torch.inference_mode():
-            self._run_batch()
+        self.flush()
         by_device: dict[torch.device, list[int]] = {}
         for idx in sorted(self.layers):
             by_device.setdefault(self.layers[idx].A.device, []).append(idx)
@@ -450,6 +459,7 @@ def recording(recorder: Recorder) -> Iterator[Recorder]:
     _ACTIVE.append(recorder)
     try:
         yield recorder
+        recorder.flush()        # the forward pass is over: its last layers leave their batch
     finally:
         _ACTIVE.remove(recorder)
 

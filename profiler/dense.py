@@ -21,9 +21,9 @@ Three entry points, all returning a float32 (B, H, T) tensor:
   TRITON_INTERPRET=1), O(T) extra memory.
 - `dense_profile`: picks one of them.
 `tail_profile_triton` runs the same kernels on the last W queries for the tail-window
-estimator (capture.py), and `profile_triton` computes both from one pass: given the layer's
-logsumexp, a GPU capture costs one kernel launch per layer whatever T (a GPU forward pass is
-bound by launches, not arithmetic, up to several thousand tokens).
+estimator (capture.py), and `profile_triton` computes both from one pass: given the layers'
+logsumexp, one kernel launch whatever T, for one layer or (capture.LayerBatch) several stacked
+as heads (a GPU forward pass is bound by launches, not arithmetic, up to several thousand tokens).
 Padding masks are not modelled: every position 0 … T−1 is a real token.
 """
 import contextlib

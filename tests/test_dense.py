@@ -194,6 +194,7 @@ def interpreter_cases() -> list[dict[str, Any]]:
     cases += [
         dict(dtype="float32", length=100, dim=32, tail=12, small=True, rows=12),
         dict(dtype="float32", length=100, dim=16, kv_heads=1, tail=9, small=True, rows=40),
+        dict(dtype="float32", length=100, dim=16, kv_heads=1, tail=9, small=True, rows=40, lse=True),
         dict(dtype="bfloat16", length=72, dim=32, tail=9, small=True, rows=9, lse=True),
         dict(dtype="float16", length=64, dim=32, batch=2, transposed=True, tail=8, rows=20),
     ]
@@ -348,10 +349,11 @@ def run_tail_case(query: torch.Tensor, key: torch.Tensor, window: int, blocks: T
 # (4 heads, 2 KV, head dim 16) at T = 90, W = 12, with the batch budget for all layers, for two
 # (2 · one layer's copies: fp32 queries R × 4 heads + keys 90 × 2 heads, + the dense profile's
 # fp32 logsumexp unused here), or for none (1 byte: every layer on its own, in torch); then
-# layers recorded by hand whose scale (or logsumexp) changes, which must start a new batch.
+# layers recorded by hand whose scale (or logsumexp) changes, which must start a new batch, and
+# the same when a batch cannot be allocated (out of memory: every layer on its own).
 BATCHED_CASES = [("model-all", "tail", [5]), ("model-two", "tail", [2, 2, 1]), ("model-none", "tail", []),
                  ("model-all", "dense", [5]), ("model-two", "dense", [2, 2, 1]), ("model-none", "dense", []),
-                 ("by-hand", "tail", [2, 1]), ("by-hand", "dense", [2, 1])]
+                 ("by-hand", "tail", [2, 1]), ("by-hand", "dense", [2, 1]), ("by-hand-oom", "dense", [])]
 
 
 def run_batched_case(name: str, estimator: str) -> dict[str, Any]:
@@ -360,12 +362,16 @@ def run_batched_case(name: str, estimator: str) -> dict[str, Any]:
     from profiler import capture as cap
 
     sizes: list[int] = []
-    run = cap.LayerBatch.run
+    run, empty = cap.LayerBatch.run, cap.LayerBatch.__dict__["empty"]
     cap.LayerBatch.run = lambda self, *args: sizes.append(len(self.layers)) or run(self, *args)
+    if name.endswith("oom"):
+        def no_memory(cls, *args: Any) -> None:
+            raise torch.OutOfMemoryError("no room for a batch")
+        cap.LayerBatch.empty = classmethod(no_memory)
     try:
         return _batched_case(name, estimator, cap, sizes)
     finally:
-        cap.LayerBatch.run = run
+        cap.LayerBatch.run, cap.LayerBatch.empty = run, empty
 
 
 def _batched_case(name: str, estimator: str, cap: Any, sizes: list[int]) -> dict[str, Any]:
@@ -375,6 +381,7 @@ def _batched_case(name: str, estimator: str, cap: Any, sizes: list[int]) -> dict
 
     from conftest import tiny_model
     window, dense = 12, estimator == "dense"
+    flushed = None
     if name.startswith("model"):
         cap.register()
         model = tiny_model("llama", num_hidden_layers=5, num_key_value_heads=2)
@@ -384,8 +391,10 @@ def _batched_case(name: str, estimator: str, cap: Any, sizes: list[int]) -> dict
         budget = {"model-all": cap.BATCH_BYTES, "model-two": 2 * one_layer, "model-none": 1}[name]
 
         def record(**options: Any) -> dict[int, Any]:
+            nonlocal flushed
             with cap.recording(cap.Recorder(estimator, window, **options)) as rec, torch.inference_mode():
                 model(input_ids=ids, use_cache=False)
+            flushed = sorted(rec.layers) == list(range(5))      # the end of recording() empties the batch
             return rec.finish().layers
         want = record(batch_layers=False)
         got = record(batch_layers=True, batch_bytes=budget)
@@ -400,7 +409,7 @@ def _batched_case(name: str, estimator: str, cap: Any, sizes: list[int]) -> dict
             want[idx] = cap.layer_stats(q, key, scale, None, window, dense)
         got = rec.finish().layers
     pairs = [(getattr(got[i], f), getattr(want[i], f).float()) for i in want for f in cap.STAT_FIELDS]
-    return dict(sizes=sizes, layers=sorted(got) == sorted(want),
+    return dict(sizes=sizes, layers=sorted(got) == sorted(want), flushed=flushed,
                 error=max(((g - w).abs() / (1 + w.abs())).nan_to_num().max().item() for g, w in pairs),
                 nan_match=all(g.shape == w.shape and torch.equal(g.isnan(), w.isnan()) for g, w in pairs))
 
@@ -449,7 +458,7 @@ def test_layer_batches_match_layers_one_by_one(name: str, estimator: str, sizes:
     the layers were grouped, and the groups must be what the memory budget allows."""
     result = batched_results[f"{name}-{estimator}"]
     assert result["sizes"] == sizes, result
-    assert result["layers"] and result["nan_match"], result
+    assert result["layers"] and result["nan_match"] and result["flushed"] in (True, None), result
     assert result["error"] <= 1e-5, result
 
 

@@ -72,6 +72,23 @@ def test_layer_kernels_match_torch_on_gpu(dtype, heads, kv_heads, length, window
                                    equal_nan=True, msg=field)
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("rows", [256, 1000])
+@pytest.mark.parametrize("given_lse", [False, True], ids=["pass1", "lse"])
+def test_tail_kernels_take_the_last_rows_on_gpu(dtype, rows, given_lse):
+    """The tail statistics from a query that holds only its last rows (as a layer batch keeps it)
+    equal the torch tail path on the whole query (SmolLM2's shape, W = 256)."""
+    from profiler.dense import profile_triton
+    query, key = (t.to("cuda", dtype) for t in random_qk(1, 9, 3, 2048, 64))
+    lse = causal_logsumexp(query, key, 0.125)[..., -rows:] if given_lse else None
+    dense, got = profile_triton(query[:, :, -rows:], key, 0.125, dense=False, tail_window=256, logsumexp=lse)
+    want = cap.tail_stats_torch(query, key, 0.125, None, 256)
+    assert dense is None
+    for field, value in zip(("A", "sink", "entropy"), got):
+        torch.testing.assert_close(value, getattr(want, field), rtol=2e-4, atol=1e-6, msg=field)
+
+
 @pytest.mark.parametrize("backend", cap.LSE_BACKENDS)
 def test_fused_attention_logsumexp_on_gpu(backend):
     """The fused attention of the dense capture: its output is SDPA's, its logsumexp is the scores'
@@ -167,6 +184,8 @@ def test_layer_batches_on_gpu_equal_layers_one_by_one(monkeypatch, estimator, ro
     monkeypatch.setattr(cap, "attention_with_logsumexp", lambda *a: fused.append(1) or with_lse(*a))
     batched = run(None)
     assert batches == [4] and len(fused) == (4 if estimator == "dense" else 0)
+    if estimator == "tail":     # SDPA here too: a fused attention's last bits would move layers 1-3's inputs
+        monkeypatch.setattr(cap, "attention_with_logsumexp", lambda *a: None)
     one_by_one = run(False)
     assert batches == [4]
     for idx in range(4):
