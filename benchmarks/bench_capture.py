@@ -8,7 +8,8 @@ Methods, each in its own child process (so peak memory is its own, under a memor
   taf     the TAF diagnose protocol (distances 10…2000, last query, d+50 tokens, one forward each)
   paired  plain, tail and dense forwards interleaved probe by probe in one process (the fairest
           ratios; the seconds column is all of them together); on CUDA also tail-layer and
-          dense-layer, the captures with each layer reduced on its own instead of in batches
+          dense-layer, the captures with each layer reduced on its own instead of in batches, and
+          dense-sdpa, the dense batches with SDPA attention and pass 1 in the batch launch
 All forward passes compute logits for the last position only (logits_to_keep=1), the same for all.
 Times exclude model loading; peak memory is the process's high-water RSS (or CUDA peak) during
 the timed part. TAF is also reported as the projected time to reach the tail estimator's
@@ -85,13 +86,17 @@ def child(method: str, length: int, num: int, device: str, model_spec: str) -> d
     warm_length = length if cuda else 64
     warm = torch.as_tensor(input_ids[:1, :warm_length], device=model.device)
     estimators = {"tail": ["tail"], "dense": ["dense"], "paired": [None, "tail", "dense"]}.get(method, ["tail"])
+    fused = cap.attention_with_logsumexp
     for estimator in estimators:
-        for batch_layers in ([None, False] if method == "paired" and cuda and estimator else [None]):
+        for batch_layers, attention in ([(None, fused), (False, fused), (None, None)]
+                                        if method == "paired" and cuda and estimator else [(None, fused)]):
+            cap.attention_with_logsumexp = attention or (lambda *args, **kwargs: None)
             recorder = cap.Recorder(estimator, cap.default_window(warm_length), batch_layers=batch_layers)
             with cap.recording(recorder) if impl == cap.ATTN_NAME and estimator else contextlib.nullcontext(), \
                     torch.inference_mode():
                 model(input_ids=warm, use_cache=False, logits_to_keep=1)
             recorder.finish()
+    cap.attention_with_logsumexp = fused
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -123,8 +128,10 @@ def child(method: str, length: int, num: int, device: str, model_spec: str) -> d
         # attention is exactly SDPA. Each ends with its results on the host (a synchronise).
         # On CUDA, where layers are reduced in batches (capture.LayerBatch), also "tail-layer" and
         # "dense-layer": each layer reduced on its own, one Triton launch given its fused
-        # attention's logsumexp (the code of H200 runs 3-4).
-        kinds = ["plain", "tail", "dense"] + (["tail-layer", "dense-layer"] if cuda else [])
+        # attention's logsumexp (the code of H200 runs 3-4); and "dense-sdpa": dense batches
+        # whose layers keep SDPA attention (no cuDNN logsumexp call per layer; pass 1 runs in
+        # the batch launch instead), to choose between the two on the device.
+        kinds = ["plain", "tail", "dense"] + (["tail-layer", "dense-layer", "dense-sdpa"] if cuda else [])
         spent = dict.fromkeys(kinds, 0.0)
         for n, row in enumerate(input_ids):
             ids = torch.as_tensor(row[None], device=model.device)
@@ -136,10 +143,12 @@ def child(method: str, length: int, num: int, device: str, model_spec: str) -> d
                     if cuda:
                         torch.cuda.synchronize()
                 else:
-                    rec = cap.Recorder(kind.split("-")[0], window, batch_layers=False if "-" in kind else None)
+                    rec = cap.Recorder(kind.split("-")[0], window, batch_layers=False if "layer" in kind else None)
+                    cap.attention_with_logsumexp = (lambda *args, **kwargs: None) if "sdpa" in kind else fused
                     with cap.recording(rec), torch.inference_mode():
                         model(input_ids=ids, use_cache=False, logits_to_keep=1)
                     rec.finish()                    # statistics to the host, as capture() does
+                    cap.attention_with_logsumexp = fused
                 spent[kind] += time.perf_counter() - t
         result.update({f"{k}_seconds": v for k, v in spent.items()},
                       ratios={k: v / spent["plain"] for k, v in spent.items() if k != "plain"})
