@@ -86,17 +86,15 @@ def child(method: str, length: int, num: int, device: str, model_spec: str) -> d
     warm_length = length if cuda else 64
     warm = torch.as_tensor(input_ids[:1, :warm_length], device=model.device)
     estimators = {"tail": ["tail"], "dense": ["dense"], "paired": [None, "tail", "dense"]}.get(method, ["tail"])
-    fused = cap.attention_with_logsumexp
+    # the recorder options of each capture "paired" times on CUDA (see below)
+    variants = {"": {}, "-layer": dict(batch_layers=False), "-sdpa": dict(fused_attention=False)}
     for estimator in estimators:
-        for batch_layers, attention in ([(None, fused), (False, fused), (None, None)]
-                                        if method == "paired" and cuda and estimator else [(None, fused)]):
-            cap.attention_with_logsumexp = attention or (lambda *args, **kwargs: None)
-            recorder = cap.Recorder(estimator, cap.default_window(warm_length), batch_layers=batch_layers)
+        for options in (variants.values() if method == "paired" and cuda and estimator else [{}]):
+            recorder = cap.Recorder(estimator, cap.default_window(warm_length), **options)
             with cap.recording(recorder) if impl == cap.ATTN_NAME and estimator else contextlib.nullcontext(), \
                     torch.inference_mode():
                 model(input_ids=warm, use_cache=False, logits_to_keep=1)
             recorder.finish()
-    cap.attention_with_logsumexp = fused
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -143,12 +141,11 @@ def child(method: str, length: int, num: int, device: str, model_spec: str) -> d
                     if cuda:
                         torch.cuda.synchronize()
                 else:
-                    rec = cap.Recorder(kind.split("-")[0], window, batch_layers=False if "layer" in kind else None)
-                    cap.attention_with_logsumexp = (lambda *args, **kwargs: None) if "sdpa" in kind else fused
+                    estimator, _, variant = kind.partition("-")
+                    rec = cap.Recorder(estimator, window, **variants["-" + variant if variant else ""])
                     with cap.recording(rec), torch.inference_mode():
                         model(input_ids=ids, use_cache=False, logits_to_keep=1)
                     rec.finish()                    # statistics to the host, as capture() does
-                    cap.attention_with_logsumexp = fused
                 spent[kind] += time.perf_counter() - t
         result.update({f"{k}_seconds": v for k, v in spent.items()},
                       ratios={k: v / spent["plain"] for k, v in spent.items() if k != "plain"})

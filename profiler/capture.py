@@ -126,10 +126,8 @@ def layer_stats(query: torch.Tensor, key: torch.Tensor, scaling: float, mask: to
     length = query.shape[2]
     causal = mask is None and (sliding_window is None or sliding_window >= length)
     if causal and query.is_cuda and length > 1 and triton_available():
-        profile, (A, sink, entropy) = profile_triton(query, key, scaling, dense=dense, tail_window=window,
-                                                     sliding_window=sliding_window, logsumexp=logsumexp)
-        return LayerStats(profile if dense else A, sink, A[..., : rules.LOCAL_MAX_DISTANCE + 1].sum(dim=-1),
-                          entropy)
+        return _kernel_stats(*profile_triton(query, key, scaling, dense=dense, tail_window=window,
+                                             sliding_window=sliding_window, logsumexp=logsumexp))
     stats = tail_stats_torch(query, key, scaling, mask, window)
     if dense:
         stats.A = dense_profile(query, key, scaling, sliding_window=sliding_window, logsumexp=logsumexp)
@@ -137,6 +135,14 @@ def layer_stats(query: torch.Tensor, key: torch.Tensor, scaling: float, mask: to
             unseen = dense_counts(length, sliding_window, device=stats.A.device) == 0
             stats.A = stats.A.masked_fill(unseen, 0.0)    # beyond a sliding window: no attention
     return stats
+
+
+def _kernel_stats(profile: torch.Tensor | None, tail: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+                  ) -> LayerStats:
+    """LayerStats from what dense.profile_triton returns: A is the dense profile where there is one."""
+    A, sink, entropy = tail
+    return LayerStats(A if profile is None else profile, sink, A[..., : rules.LOCAL_MAX_DISTANCE + 1].sum(dim=-1),
+                      entropy)
 
 
 def tail_stats(query: torch.Tensor, key: torch.Tensor, scaling: float, mask: torch.Tensor | None,
@@ -196,11 +202,20 @@ class LayerBatch:
     logsumexp: torch.Tensor | None        # (B, capacity, H, R)
     layers: list[int]
 
+    @staticmethod
+    def layer_bytes(query: torch.Tensor, key: torch.Tensor, rows: int, logsumexp: bool) -> int:
+        """What one layer's copies take: `rows` queries, all keys, and the rows' fp32 logsumexp."""
+        from .dense import kernel_dtype
+        (batch, heads, length, dim), kv_heads = query.shape, key.shape[1]
+        return kernel_dtype(query.dtype).itemsize * batch * dim * (heads * rows + kv_heads * length) \
+            + (4 * batch * heads * rows if logsumexp else 0)
+
     @classmethod
     def empty(cls, signature: tuple, scaling: float, capacity: int, query: torch.Tensor, key: torch.Tensor,
-              rows: int, dtype: torch.dtype, logsumexp: bool) -> "LayerBatch":
+              rows: int, logsumexp: bool) -> "LayerBatch":
+        from .dense import kernel_dtype
         (batch, heads, length, dim), kv_heads = query.shape, key.shape[1]
-        new = functools.partial(torch.empty, dtype=dtype, device=query.device)
+        new = functools.partial(torch.empty, dtype=kernel_dtype(query.dtype), device=query.device)
         return cls(signature, scaling, new(batch, capacity, heads, rows, dim),
                    new(batch, capacity, kv_heads, length, dim),
                    torch.empty(batch, capacity, heads, rows, dtype=torch.float32, device=query.device)
@@ -222,11 +237,10 @@ class LayerBatch:
         """One launch (two without a logsumexp: pass 1 first) for every layer held; their statistics."""
         from .dense import profile_triton
         n, heads = len(self.layers), self.queries.shape[2]
-        profile, (A, sink, entropy) = profile_triton(
+        stats = _kernel_stats(*profile_triton(
             self.queries[:, :n].flatten(1, 2), self.keys[:, :n].flatten(1, 2), self.scaling, dense=dense,
-            tail_window=window, logsumexp=None if self.logsumexp is None else self.logsumexp[:, :n].flatten(1, 2))
-        local = A[..., : rules.LOCAL_MAX_DISTANCE + 1].sum(dim=-1)
-        fields = [t.unflatten(1, (n, heads)) for t in (profile if dense else A, sink, local, entropy)]
+            tail_window=window, logsumexp=None if self.logsumexp is None else self.logsumexp[:, :n].flatten(1, 2)))
+        fields = [getattr(stats, f).unflatten(1, (n, heads)) for f in STAT_FIELDS]
         return {idx: LayerStats(*(t[:, k] for t in fields)) for k, idx in enumerate(self.layers)}
 
 
@@ -239,15 +253,17 @@ class Recorder:
     in one or two launches, when it is full and in `flush` (which `finish` and the end of
     `recording` call). The tail estimator then needs only the last W queries; the layer's
     attention stays plain SDPA. `batch_layers`: None batches on CUDA, True also elsewhere
-    (Triton's interpreter, in tests), False never.
+    (Triton's interpreter, in tests), False never. `fused_attention` False keeps every layer's
+    attention SDPA (the kernels then compute the normalisers themselves), for benchmarks.
     """
 
     def __init__(self, estimator: str, window: int, batch_layers: bool | None = None,
-                 batch_bytes: int = BATCH_BYTES):
+                 batch_bytes: int = BATCH_BYTES, fused_attention: bool = True):
         self.estimator = estimator
         self.window = window
         self.batch_layers = batch_layers
         self.batch_bytes = batch_bytes
+        self.fused_attention = fused_attention
         self.layers: dict[int, LayerStats] = {}
         self._calls = 0
         self._batch: LayerBatch | None = None
@@ -257,23 +273,26 @@ class Recorder:
         """How many layers like this one a batch holds; 0 where this layer cannot be batched
         (a mask, a sliding window, a length the queries and keys do not share, no triton)."""
         from .dense import triton_available
-        (batch, heads, length, dim), kv_heads = query.shape, key.shape[1]
+        batch, heads, length, _ = query.shape
         if (self.batch_layers is False or mask is not None or length <= 1 or key.shape[2] != length
                 or (sliding_window is not None and sliding_window < length)
                 or not (query.is_cuda or self.batch_layers) or not triton_available()):
             return 0
         dense = self.estimator == "dense"
-        rows = length if dense else self.window
-        per_layer = _batch_dtype(query).itemsize * batch * dim * (heads * rows + kv_heads * length) \
-            + (4 * batch * heads * length if dense else 0)
+        per_layer = LayerBatch.layer_bytes(query, key, self._kept_rows(length), logsumexp=dense)
         capacity = min(self.batch_bytes // per_layer, MAX_GRID // (batch * heads))
         return capacity if capacity >= 2 else 0
+
+    def _kept_rows(self, length: int) -> int:
+        """The queries a batch keeps of each layer: all for the dense profile, else the tail's."""
+        return length if self.estimator == "dense" else self.window
 
     def wants_logsumexp(self, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None,
                         sliding_window: int | None) -> bool:
         """Whether the layer's attention should run through a fused kernel for its logsumexp:
         the dense profile and layers reduced on their own use it; a batched tail needs none."""
-        return self.estimator == "dense" or not self._capacity(query, key, mask, sliding_window)
+        return self.fused_attention and (self.estimator == "dense"
+                                         or not self._capacity(query, key, mask, sliding_window))
 
     def layer_index(self, module: torch.nn.Module) -> int:
         idx = getattr(module, "layer_idx", None)
@@ -284,13 +303,16 @@ class Recorder:
 
     def record(self, module, query, key, mask, scaling, sliding_window=None, logsumexp=None) -> None:
         idx = self.layer_index(module)
+        if not self._add_to_batch(idx, module, query, key, mask, scaling, sliding_window, logsumexp):
+            self.store(idx, layer_stats(query, key, scaling, mask, self.window, self.estimator == "dense",
+                                        sliding_window, logsumexp))
+
+    def _add_to_batch(self, idx, module, query, key, mask, scaling, sliding_window, logsumexp) -> bool:
+        """Copy the layer into the open batch (opening one if needed); False where it cannot be
+        batched or no batch fits on its device: then it is reduced on its own."""
         capacity = self._capacity(query, key, mask, sliding_window)
         if not capacity:
-            stats = layer_stats(query, key, scaling, mask, self.window, self.estimator == "dense", sliding_window,
-                                logsumexp)
-            self.store(idx, stats)
-            return
-        dense = self.estimator == "dense"
+            return False
         signature = (query.shape, key.shape, query.device, query.dtype, scaling, logsumexp is not None)
         if self._batch is not None and self._batch.signature != signature:
             self.flush()
@@ -300,15 +322,13 @@ class Recorder:
                 capacity = min(capacity, total - idx)
             try:
                 self._batch = LayerBatch.empty(signature, scaling, capacity, query, key,
-                                               query.shape[2] if dense else self.window, _batch_dtype(query),
-                                               logsumexp is not None)
-            except torch.OutOfMemoryError:      # no room for a batch on this device: this layer alone
-                self.store(idx, layer_stats(query, key, scaling, mask, self.window, dense, sliding_window,
-                                            logsumexp))
-                return
+                                               self._kept_rows(query.shape[2]), logsumexp is not None)
+            except torch.OutOfMemoryError:
+                return False
         self._batch.add(idx, query, key, logsumexp)
         if self._batch.full:
             self.flush()
+        return True
 
     def flush(self) -> None:
         """Reduce the layers waiting in a batch, if any (the end of a forward pass)."""
@@ -346,11 +366,6 @@ class Recorder:
                 raise AttnprofError(f"NaN or inf in the attention of layer {idx}: the model's weights or "
                                     "inputs are broken (try --dtype float32)")
         return self
-
-
-def _batch_dtype(query: torch.Tensor) -> torch.dtype:
-    """The dtype a LayerBatch keeps queries and keys in: the query's, if the kernels take it."""
-    return query.dtype if query.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
 
 
 _ACTIVE: list[Recorder] = []

@@ -313,6 +313,11 @@ def _distance_bins_triton(query: torch.Tensor, key: torch.Tensor, scaling: float
                  rowstats.view(2, bh, tail_window) if tail_window else None)
 
 
+def kernel_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the kernels read a query of `dtype` in: its own if they take it, else float32."""
+    return dtype if dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
+
+
 def _kernel_inputs(query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Check the kernels can run here and bring query and key to one dtype they take."""
     if not query.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
@@ -320,11 +325,8 @@ def _kernel_inputs(query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor
                          "Triton's CPU interpreter); use backend='torch' on CPU")
     if _triton_kernels() is None:
         raise RuntimeError("the triton backend needs the 'triton' package (pip install triton)")
-    if key.dtype != query.dtype:
-        key = key.to(query.dtype)
-    if query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        query, key = query.float(), key.float()
-    return query, key
+    dtype = kernel_dtype(query.dtype)
+    return query.to(dtype), key.to(dtype)
 
 
 @functools.lru_cache(maxsize=16)

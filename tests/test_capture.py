@@ -143,3 +143,17 @@ def test_capture_through_accelerate_offload_hooks():
     got = cap.capture(hooked, ids, window=12)
     for field in cap.STAT_FIELDS:
         np.testing.assert_array_equal(getattr(got, field), getattr(want, field), err_msg=field)
+
+
+def test_which_layers_ask_for_a_fused_attention():
+    """A fused attention (for its logsumexp) serves the dense profile and layers reduced on their
+    own; a batched tail layer keeps SDPA; fused_attention=False keeps SDPA everywhere."""
+    pytest.importorskip("triton")         # batching needs the kernels
+    query, key = torch.randn(1, 4, 64, 16), torch.randn(1, 2, 64, 16)
+    asks = {(estimator, batch, fused): cap.Recorder(estimator, 8, batch_layers=batch, fused_attention=fused)
+            .wants_logsumexp(query, key, None, None)
+            for estimator in ("tail", "dense") for batch in (True, False) for fused in (True, False)}
+    assert asks == {("tail", True, True): False, ("tail", False, True): True,
+                    ("dense", True, True): True, ("dense", False, True): True,
+                    ("tail", True, False): False, ("tail", False, False): False,
+                    ("dense", True, False): False, ("dense", False, False): False}
