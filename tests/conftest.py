@@ -101,3 +101,23 @@ def save_tiny(path: Path, kind: str = "llama", seed: int = 0, dtype=torch.float3
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
     return save_tiny(tmp_path_factory.mktemp("tiny") / "tiny-llama", num_key_value_heads=2)
+
+
+def int8_beside_full(path: Path, device: str):
+    """The tail capture of a saved tiny model loaded with bitsandbytes LLM.int8 (`--load-in-8bit`)
+    and in fp32, on the same device and probes, with the 8-bit model's Linear8bitLt layers."""
+    import bitsandbytes as bnb
+    import numpy as np
+    from profiler import capture as cap
+    from profiler.load import load_model
+    cap.register()
+    ids = np.random.default_rng(9).integers(0, 300, size=(2, 128))
+    captures, layers = [], []
+    for int8 in (True, False):
+        loaded = load_model(str(path), attn_implementation=cap.ATTN_NAME, device=device, dtype="float32",
+                            load_in_8bit=int8)
+        if int8:
+            assert loaded.info.quantization == "int8"
+            layers = [m for m in loaded.model.modules() if isinstance(m, bnb.nn.Linear8bitLt)]
+        captures.append(cap.capture(loaded.model, ids, window=16).A)
+    return captures[0], captures[1], layers

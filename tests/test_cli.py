@@ -9,8 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from conftest import save_tiny
+from conftest import int8_beside_full, save_tiny
 from profiler.cli import main
 from profiler.rules import REGIMES
 
@@ -58,6 +59,19 @@ def test_device_map_gives_the_same_profile(tiny_dir, tmp_path, capsys):
     assert run_cli(["profile", tiny_dir, "--out", tmp_path / "mapped", "--device", "cpu", "--device-map", "auto",
                     *FAST], capsys)[0] == 0
     assert (tmp_path / "plain/profile.json").read_bytes() == (tmp_path / "mapped/profile.json").read_bytes()
+
+
+def test_8bit_model_profiles_near_its_full_precision_self(tiny_dir, tmp_path, capsys):
+    """`--load-in-8bit`: every projection of the decoder layers becomes a bitsandbytes LLM.int8
+    layer; 8-bit rounding moves the attention profile a little, and only a little."""
+    pytest.importorskip("bitsandbytes")
+    code, stdout, _ = run_cli(["profile", tiny_dir, "--out", tmp_path / "q8", "--device", "cpu",
+                               "--load-in-8bit", "--json", *FAST], capsys)
+    assert code == 0 and json.loads(stdout)["model"]["quantization"] == "int8"
+    int8, full, layers = int8_beside_full(tiny_dir, "cpu")
+    assert len(layers) == 2 * 7 and all(m.weight.dtype == torch.int8 for m in layers)  # q k v o gate up down
+    error = np.abs(int8 - full).max()
+    assert 0 < error < 0.05 * np.abs(full).max(), error
 
 
 def one_error_line(code, err):

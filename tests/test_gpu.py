@@ -11,7 +11,8 @@
   paths are checked against eager attention weights in test_capture.py;
 - a model split across devices (`device_map`): layers on two GPUs (the kernels launched on each
   layer's own GPU; needs two) or offloaded to the CPU give the same statistics as the whole model;
-- bitsandbytes NF4 on CUDA: the layers are 4-bit with bf16 compute and the capture is finite.
+- bitsandbytes NF4 on CUDA: the layers are 4-bit with bf16 compute and the capture is finite;
+- bitsandbytes LLM.int8 on CUDA: the layers are 8-bit and the capture stays near the fp32 one.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import torch
 
 from profiler import capture as cap
 from profiler.dense import dense_profile_reference, dense_profile_triton
-from conftest import causal_logsumexp, random_qk, save_tiny, tiny_model
+from conftest import causal_logsumexp, int8_beside_full, random_qk, save_tiny, tiny_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -283,3 +284,15 @@ def test_4bit_nf4_on_cuda(tmp_path):
     ids = np.random.default_rng(7).integers(0, 300, size=(2, 128))
     curves = cap.capture(loaded.model, ids, window=16)
     assert np.isfinite(curves.A).all() and curves.A.shape[:3] == (2, 2, 4)
+
+
+def test_8bit_on_cuda(tmp_path):
+    """`--load-in-8bit` on hardware: LLM.int8 layers (int8 weights, CUDA matmuls), whose capture
+    stays near the same model's fp32 capture on the GPU (as on the CPU in test_cli.py)."""
+    pytest.importorskip("bitsandbytes")
+    path = save_tiny(tmp_path / "tiny", num_key_value_heads=2)
+    int8, full, layers = int8_beside_full(path, "cuda")
+    assert len(layers) == 2 * 7
+    assert all(m.weight.dtype == torch.int8 and m.weight.device.type == "cuda" for m in layers)
+    error = np.abs(int8 - full).max()
+    assert 0 < error < 0.05 * np.abs(full).max(), error
