@@ -49,11 +49,12 @@ def _add_profile_options(p: argparse.ArgumentParser) -> None:
     m.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
     m.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 "
                                                    "(auto: float32 on CPU, bfloat16 on CUDA)")
-    m.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes NF4 + double quant, bf16 compute")
-    m.add_argument("--load-in-8bit", action="store_true", help="bitsandbytes int8")
-    m.add_argument("--merged-load-in-4bit", action="store_true",
-                   help="load only MERGED in 4-bit: `profile M vs M --merged-load-in-4bit` shows what "
-                        "quantisation alone does to the profile")
+    quantised = m.add_mutually_exclusive_group()        # one quantisation per model
+    quantised.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes NF4 + double quant, bf16 compute")
+    quantised.add_argument("--load-in-8bit", action="store_true", help="bitsandbytes int8")
+    quantised.add_argument("--merged-load-in-4bit", action="store_true",
+                           help="load only MERGED in 4-bit: `profile M vs M --merged-load-in-4bit` shows what "
+                                "quantisation alone does to the profile")
     m.add_argument("--device-map", default=None, help="accelerate device map, e.g. auto (multi-GPU)")
     gate = p.add_argument_group("gate (base vs merged)")
     defaults = GateThresholds()
@@ -123,6 +124,9 @@ def cmd_profile(args, command: str) -> int:
     models = args.models
     options = _options(args)
     if len(models) == 1:
+        if args.merged_load_in_4bit:
+            raise AttnprofError("--merged-load-in-4bit needs two models: `attnprof profile BASE vs MERGED "
+                                "--merged-load-in-4bit` (for one model, --load-in-4bit)")
         source = resolve_source(models[0])
         out = Path(args.out or Path("reports") / _safe_name(source.name))
         profile = run.profile(source.spec, **vars(options))

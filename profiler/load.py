@@ -154,6 +154,8 @@ def quantization_config(load_in_4bit: bool, load_in_8bit: bool):
     """bitsandbytes NF4 with double quantisation and bf16 compute (QLoRA's recipe), or 8-bit."""
     if not (load_in_4bit or load_in_8bit):
         return None
+    if load_in_4bit and load_in_8bit:
+        raise AttnprofError("load in 4-bit or in 8-bit, not both")
     from transformers import BitsAndBytesConfig
     if load_in_4bit:
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",

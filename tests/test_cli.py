@@ -159,6 +159,16 @@ def test_usage_errors_are_one_line(capsys):
     assert "BASE vs MERGED" in line
     line = one_error_line(*run_cli(["frobnicate"], capsys)[::2])
     assert "invalid choice" in line
+    line = one_error_line(*run_cli(["profile", "a", "--load-in-4bit", "--load-in-8bit"], capsys)[::2])
+    assert "not allowed with argument --load-in-4bit" in line
+    line = one_error_line(*run_cli(["profile", "a", "vs", "b", "--load-in-8bit", "--merged-load-in-4bit"], capsys)[::2])
+    assert "not allowed with argument --load-in-8bit" in line
+
+
+def test_merged_only_quantisation_needs_two_models(tiny_dir, capsys):
+    """`--merged-load-in-4bit` with one model would be silently ignored: refused instead."""
+    line = one_error_line(*run_cli(["profile", tiny_dir, "--merged-load-in-4bit"], capsys)[::2])
+    assert "needs two models" in line
 
 
 def test_console_script_is_installed(tiny_dir, tmp_path):
