@@ -20,6 +20,9 @@ from .errors import AttnprofError, first_line
 from .rules import GateThresholds
 
 EXIT_OK, EXIT_REGRESSION, EXIT_ERROR = 0, 1, 2
+# options that only mean something for BASE vs MERGED: given with one model, they are refused
+GATE_OPTIONS = ("max_model_dgamma", "max_shifted_heads", "max_regime_flips")
+DIFF_ONLY = (*GATE_OPTIONS, "targets", "adapter_rank", "merged_load_in_4bit")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -58,11 +61,12 @@ def _add_profile_options(p: argparse.ArgumentParser) -> None:
     m.add_argument("--device-map", default=None, help="accelerate device map, e.g. auto (multi-GPU)")
     gate = p.add_argument_group("gate (base vs merged)")
     defaults = GateThresholds()
-    gate.add_argument("--max-model-dgamma", type=float, default=defaults.max_model_dgamma,
+    # default None, so that a threshold given with one model is refused, not silently unused
+    gate.add_argument("--max-model-dgamma", type=float, default=None,
                       help=f"largest allowed |model-level Δgamma| (default {defaults.max_model_dgamma})")
-    gate.add_argument("--max-shifted-heads", type=float, default=defaults.max_shifted_heads,
+    gate.add_argument("--max-shifted-heads", type=float, default=None,
                       help=f"largest allowed fraction of shifted heads (default {defaults.max_shifted_heads})")
-    gate.add_argument("--max-regime-flips", type=float, default=defaults.max_regime_flips,
+    gate.add_argument("--max-regime-flips", type=float, default=None,
                       help=f"largest allowed fraction of regime changes (default {defaults.max_regime_flips})")
     w = p.add_argument_group("weight diff (base vs a merged checkpoint)")
     w.add_argument("--targets", default=None, metavar="MODULES",
@@ -124,9 +128,10 @@ def cmd_profile(args, command: str) -> int:
     models = args.models
     options = _options(args)
     if len(models) == 1:
-        if args.merged_load_in_4bit:
-            raise AttnprofError("--merged-load-in-4bit needs two models: `attnprof profile BASE vs MERGED "
-                                "--merged-load-in-4bit` (for one model, --load-in-4bit)")
+        given = [f"--{name.replace('_', '-')}" for name in DIFF_ONLY if getattr(args, name) not in (None, False)]
+        if given:
+            raise AttnprofError(f"{', '.join(given)}: only for two models, `attnprof profile BASE vs MERGED`"
+                                + (" (for one model in 4-bit, --load-in-4bit)" if args.merged_load_in_4bit else ""))
         source = resolve_source(models[0])
         out = Path(args.out or Path("reports") / _safe_name(source.name))
         profile = run.profile(source.spec, **vars(options))
@@ -140,7 +145,8 @@ def cmd_profile(args, command: str) -> int:
     if len(models) != 3 or models[1] != "vs":
         raise AttnprofError("expected `attnprof profile MODEL` or `attnprof profile BASE vs MERGED`")
     base, merged = models[0], models[2]
-    thresholds = GateThresholds(args.max_model_dgamma, args.max_shifted_heads, args.max_regime_flips)
+    thresholds = GateThresholds(**{name: getattr(args, name) for name in GATE_OPTIONS
+                                   if getattr(args, name) is not None})
     merged_options = replace(options, load_in_4bit=True) if args.merged_load_in_4bit else options
     out = Path(args.out or Path("reports") / f"{_safe_name(base)}-vs-{_safe_name(merged)}")
     with tempfile.TemporaryDirectory(prefix="attnprof-") as work:

@@ -165,10 +165,27 @@ def test_usage_errors_are_one_line(capsys):
     assert "not allowed with argument --load-in-8bit" in line
 
 
-def test_merged_only_quantisation_needs_two_models(tiny_dir, capsys):
-    """`--merged-load-in-4bit` with one model would be silently ignored: refused instead."""
-    line = one_error_line(*run_cli(["profile", tiny_dir, "--merged-load-in-4bit"], capsys)[::2])
-    assert "needs two models" in line
+def test_gate_thresholds_decide_the_exit_code(tiny_dir, tmp_path, capsys):
+    """The same pair passes under loose thresholds (exit 0) and is a regression when no model-level
+    shift is allowed (exit 1); unset thresholds keep their defaults; diff.json records them."""
+    other = save_tiny(tmp_path / "other", seed=1, num_key_value_heads=2)
+    common = ["profile", tiny_dir, "vs", other, "--no-weights", "--json", *FAST]
+    loose = ["--max-model-dgamma", "10", "--max-shifted-heads", "1", "--max-regime-flips", "1"]
+    code, stdout, _ = run_cli([*common, "--out", tmp_path / "loose", *loose], capsys)
+    assert code == 0 and json.loads(stdout)["verdict"] == "pass"
+    code, stdout, _ = run_cli([*common, "--out", tmp_path / "strict", "--max-model-dgamma", "0"], capsys)
+    diff = json.loads(stdout)
+    assert code == 1 and diff["verdict"] == "regression" and diff["model_dgamma"] != 0
+    assert diff["thresholds"] == {"max_model_dgamma": 0.0, "max_shifted_heads": 0.1, "max_regime_flips": 0.1}
+
+
+@pytest.mark.parametrize("option", [["--merged-load-in-4bit"], ["--max-shifted-heads", "0.2"],
+                                    ["--targets", "q_proj"], ["--adapter-rank", "8"]])
+def test_base_vs_merged_options_need_two_models(tiny_dir, capsys, option):
+    """A gate threshold or a diff option given with one model would be silently unused (a pipeline
+    would think it gated): refused instead, naming the option."""
+    line = one_error_line(*run_cli(["profile", tiny_dir, *option], capsys)[::2])
+    assert f"{option[0]}: only for two models" in line
 
 
 def test_console_script_is_installed(tiny_dir, tmp_path):
