@@ -122,6 +122,7 @@ def cmd_profile(args, command: str) -> int:
     from dataclasses import replace
 
     from . import run
+    from .io import check_run_dir
     from .profiles import terminal_summary
     from .sources import resolve_source
 
@@ -133,7 +134,7 @@ def cmd_profile(args, command: str) -> int:
             raise AttnprofError(f"{', '.join(given)}: only for two models, `attnprof profile BASE vs MERGED`"
                                 + (" (for one model in 4-bit, --load-in-4bit)" if args.merged_load_in_4bit else ""))
         source = resolve_source(models[0])
-        out = Path(args.out or Path("reports") / _safe_name(source.name))
+        out = check_run_dir(args.out or Path("reports") / _safe_name(source.name))   # before any work
         profile = run.profile(source.spec, **vars(options))
         run.write_run(out, command=command, profile=profile, render=not args.no_report, seed=args.seed)
         if args.json:
@@ -148,7 +149,7 @@ def cmd_profile(args, command: str) -> int:
     thresholds = GateThresholds(**{name: getattr(args, name) for name in GATE_OPTIONS
                                    if getattr(args, name) is not None})
     merged_options = replace(options, load_in_4bit=True) if args.merged_load_in_4bit else options
-    out = Path(args.out or Path("reports") / f"{_safe_name(base)}-vs-{_safe_name(merged)}")
+    out = check_run_dir(args.out or Path("reports") / f"{_safe_name(base)}-vs-{_safe_name(merged)}")
     with tempfile.TemporaryDirectory(prefix="attnprof-") as work:
         targets = args.targets.split(",") if args.targets else None
         result = run.compare(base, merged, options, thresholds, merged_options, workdir=work,

@@ -9,24 +9,52 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from .errors import AttnprofError
+
+RUN_MARKER = "run.json"          # what makes a directory an attnprof run that a new run may replace
+
+
+def check_run_dir(target: str | os.PathLike) -> Path:
+    """The absolute run directory for `--out`, refused (before any work) where writing it would
+    destroy something that is not an earlier attnprof run: a file, a directory with other
+    contents (a model, a home directory), the current directory or one above it."""
+    path = Path(target).expanduser().absolute()
+    path = path.parent.resolve() / path.name if path.name not in ("", ".", "..") else path.resolve()
+    if path == Path(path.anchor) or Path.cwd().resolve().is_relative_to(path):
+        raise AttnprofError(f"--out {target}: would replace the current directory or one above it; "
+                            "name a new directory")
+    for parent in path.parents:
+        if parent.exists() and not parent.is_dir():
+            raise AttnprofError(f"--out {target}: {parent} is a file, not a directory")
+    if path.is_symlink() or path.is_file():
+        raise AttnprofError(f"--out {target}: is a {'symbolic link' if path.is_symlink() else 'file'}; "
+                            "name a directory")
+    if path.is_dir() and any(path.iterdir()) and not (path / RUN_MARKER).is_file():
+        raise AttnprofError(f"--out {target}: exists and is not an attnprof run (no {RUN_MARKER}); "
+                            "refusing to replace it: name a new directory or remove it")
+    return path
+
 
 @contextlib.contextmanager
 def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary directory next to `target`; on success it replaces `target` whole."""
-    target = Path(target)
+    """Yield a temporary directory next to `target`; on success it replaces `target` whole. On
+    any failure, the body's or the renames', the temporary directory goes and `target` stays."""
+    target = Path(target).absolute()
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    os.chmod(tmp, 0o755)
+    old = None
     try:
+        os.chmod(tmp, 0o755)
         yield tmp
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
+        os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not target.exists():
+            os.replace(old, target)                # put the previous run back
         raise
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-    os.replace(tmp, target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

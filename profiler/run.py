@@ -349,12 +349,11 @@ def write_run(out: Any, *, command: str, profile: Profile | None = None,
     """Write a run directory atomically: JSON + npz, run.json with hashes, summary and report."""
     from pathlib import Path
 
-    from .io import atomic_dir
+    from .io import atomic_dir, check_run_dir
     from .profiles import versions, write_json
     from .results import dumps
 
-    out = Path(out)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(check_run_dir(out)) as tmp:
         if comparison is not None:
             for side, prof in (("base", comparison.base), ("merged", comparison.merged)):
                 (tmp / side).mkdir()

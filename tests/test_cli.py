@@ -165,6 +165,52 @@ def test_usage_errors_are_one_line(capsys):
     assert "not allowed with argument --load-in-8bit" in line
 
 
+def test_out_never_replaces_what_is_not_a_run(tiny_dir, tmp_path, capsys, monkeypatch):
+    """--out replaces an earlier run only: a directory with other contents (here a copy of the
+    model being profiled), a file, or the current directory is refused before any work, untouched."""
+    model = shutil.copytree(tiny_dir, tmp_path / "model")
+    before = sorted(p.name for p in model.iterdir())
+    line = one_error_line(*run_cli(["profile", model, "--out", model, *FAST], capsys)[::2])
+    assert "is not an attnprof run" in line and sorted(p.name for p in model.iterdir()) == before
+    note = tmp_path / "notes.txt"
+    note.write_text("keep me")
+    assert "is a file" in one_error_line(*run_cli(["profile", tiny_dir, "--out", note, *FAST], capsys)[::2])
+    assert "is a file" in one_error_line(*run_cli(["profile", tiny_dir, "--out", note / "x", *FAST], capsys)[::2])
+    assert note.read_text() == "keep me"
+    monkeypatch.chdir(model)
+    for here in (".", ".."):
+        line = one_error_line(*run_cli(["profile", tiny_dir, "--out", here, *FAST], capsys)[::2])
+        assert "current directory" in line
+    assert sorted(p.name for p in model.iterdir()) == before
+    run = tmp_path / "run"
+    for _ in range(2):                        # an earlier run is replaced whole
+        assert run_cli(["profile", tiny_dir, "--out", run, *FAST], capsys)[0] == 0
+    assert (run / "run.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "notes.txt", "run"]
+
+
+def test_a_failed_rename_leaves_the_earlier_run(tmp_path, monkeypatch):
+    """If moving the new run into place fails, the temporary directory goes and the earlier run
+    is back where it was."""
+    import os
+
+    from profiler import io
+    target = tmp_path / "run"
+    target.mkdir()
+    (target / "run.json").write_text("earlier")
+    real_replace = os.replace
+
+    def failing(src, dst):
+        if ".tmp-" in str(src):
+            raise OSError("disk full")
+        real_replace(src, dst)
+    monkeypatch.setattr(io.os, "replace", failing)
+    with pytest.raises(OSError, match="disk full"):
+        with io.atomic_dir(target) as tmp:
+            (tmp / "run.json").write_text("new")
+    assert [p.name for p in tmp_path.iterdir()] == ["run"] and (target / "run.json").read_text() == "earlier"
+
+
 def test_gate_thresholds_decide_the_exit_code(tiny_dir, tmp_path, capsys):
     """The same pair passes under loose thresholds (exit 0) and is a regression when no model-level
     shift is allowed (exit 1); unset thresholds keep their defaults; diff.json records them."""
