@@ -6,7 +6,11 @@ and `--max-regime-flips` (see DESIGN.md §6 and the README).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+import numbers
+from dataclasses import dataclass, fields
+
+from .errors import AttnprofError
 
 # --- fit ------------------------------------------------------------------------------------
 FIT_D_MIN = 16              # first distance of the fit range
@@ -83,6 +87,16 @@ class GateThresholds:
     max_model_dgamma: float = 0.05     # |model-level delta gamma|
     max_shifted_heads: float = 0.10    # fraction of heads that shifted
     max_regime_flips: float = 0.10     # fraction of heads whose regime label changed
+
+    def __post_init__(self) -> None:
+        """A NaN threshold is never exceeded and a fraction above 1 never can be: either would
+        turn the gate off without a word, so they are refused, as are negative values."""
+        for f in fields(self):
+            value, fraction = getattr(self, f.name), f.name != "max_model_dgamma"
+            if not (isinstance(value, numbers.Real) and math.isfinite(value) and 0 <= value <= (1 if fraction else value)):
+                need = "a fraction in [0, 1] (0.10 = 10 % of heads)" if fraction else "a finite number ≥ 0"
+                raise AttnprofError(f"gate threshold {f.name} (--{f.name.replace('_', '-')}) is {value!r}: "
+                                    f"it must be {need}")
 
 
 # --- weights ----------------------------------------------------------------------------------

@@ -165,6 +165,15 @@ def test_usage_errors_are_one_line(capsys):
     assert "not allowed with argument --load-in-8bit" in line
 
 
+@pytest.mark.parametrize("option,value", [("--max-model-dgamma", "nan"), ("--max-model-dgamma", "-1"),
+                                          ("--max-shifted-heads", "10"), ("--max-regime-flips", "inf")])
+def test_a_threshold_that_would_turn_the_gate_off_is_refused(capsys, option, value):
+    """NaN is never exceeded and a fraction above 1 never can be (a gate that always passes); a
+    negative value fails identical models. All refused before anything is loaded."""
+    line = one_error_line(*run_cli(["profile", "a", "vs", "b", option, value], capsys)[::2])
+    assert f"({option}) is" in line and "must be" in line
+
+
 def test_out_never_replaces_what_is_not_a_run(tiny_dir, tmp_path, capsys, monkeypatch):
     """--out replaces an earlier run only: a directory with other contents (here a copy of the
     model being profiled), a file, or the current directory is refused before any work, untouched."""

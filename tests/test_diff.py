@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import save_tiny, tiny_tokenizer
-from profiler import assert_profile_close, diff_profiles, load_diff, load_profile
+from profiler import AttnprofError, assert_profile_close, diff_profiles, load_diff, load_profile
 from profiler.cli import main
 from profiler.diff import gate, js_divergence
 from profiler.rules import GateThresholds
@@ -55,6 +55,8 @@ def test_sharpened_model_fails_the_gate(tiny_dir, tmp_path, capsys):
     with pytest.raises(AssertionError, match="attention profile regression"):
         assert_profile_close(base, merged)
     assert diff_profiles(base, merged, GateThresholds(10, 1, 1)).verdict == "pass"   # loose gate passes
+    with pytest.raises(AttnprofError, match="max_model_dgamma"):       # a NaN gate would always pass
+        assert_profile_close(base, merged, max_model_dgamma=float("nan"))
 
 
 def test_paired_ci_uses_the_same_probe_resamples(tiny_dir, tmp_path, capsys):
