@@ -275,11 +275,14 @@ def compare(base: str, merged: str, options: ProfileOptions | None = None,
             release(loaded)
 
     merged_dir = merged_source.path if merged_source.kind in ("dir", "demo") else None
+    # merged into a 4-/8-bit base, the saved weights are packed codes: no weight diff against floats
+    quantised_merge = is_adapter and (merged_options.load_in_4bit or merged_options.load_in_8bit)
     loaded = load_model(merged_source, attn_implementation=cap.ATTN_NAME, base=base_source,
                         **merged_options.load_kwargs())
     try:
         merged_profile = capture_loaded(loaded, probes, merged_options)
-        if is_adapter and with_weights and base_source.kind in ("dir", "demo") and workdir is not None:
+        if (is_adapter and with_weights and not quantised_merge and base_source.kind in ("dir", "demo")
+                and workdir is not None):
             merged_dir = Path(workdir) / "merged-weights"
             loaded.model.save_pretrained(merged_dir)
     finally:
@@ -288,7 +291,8 @@ def compare(base: str, merged: str, options: ProfileOptions | None = None,
     result = diff_profiles(base_profile, merged_profile, thresholds, seed=options.seed)
     if with_weights:
         summary, weight_flags = weight_section(base_source, merged_dir, merged_source if is_adapter else None,
-                                               options.quiet, target_modules, adapter_rank)
+                                               options.quiet, target_modules, adapter_rank,
+                                               quantised_merge=quantised_merge)
         if summary is not None:
             result.weights = summary.pop("tensors")
             result.weights_summary = summary
@@ -316,8 +320,13 @@ def adapter_section(adapter_source, base_source) -> dict[str, Any]:
 
 
 def weight_section(base_source, merged_dir, adapter_source, quiet: bool, target_modules: Any = None,
-                   adapter_rank: int | None = None) -> tuple[dict | None, list[dict]]:
+                   adapter_rank: int | None = None, quantised_merge: bool = False) -> tuple[dict | None, list[dict]]:
     """The streamed weight diff, or a flag saying why it was skipped."""
+    if quantised_merge:
+        return None, [{"code": "weights_not_diffed", "severity": "info",
+                       "message": "weights were not diffed: the adapter was merged into a 4-/8-bit base, whose "
+                                  "weights are stored as packed codes; profile without the 4-/8-bit option for "
+                                  "the adapter's weight diff"}]
     if base_source.kind not in ("dir", "demo") or merged_dir is None:
         return None, [{"code": "weights_not_diffed", "severity": "info",
                        "message": "weights were not diffed: both sides must be safetensors directories "

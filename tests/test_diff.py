@@ -212,7 +212,10 @@ def test_adapter_merged_into_a_4bit_base(tiny_dir, tmp_path, capsys):
     model.save_pretrained(adapter)
     out = tmp_path / "q"
     code = main([str(a) for a in ["profile", tiny_dir, "vs", adapter, "--merged-load-in-4bit", "--out", out,
-                                  "--no-weights", "--device", "cpu", *FAST]])
+                                  "--device", "cpu", *FAST]])
     assert code in (0, 1)
     assert json.loads((out / "base/profile.json").read_text())["model"]["quantization"] is None
     assert json.loads((out / "merged/profile.json").read_text())["model"]["quantization"] == "nf4"
+    flags = json.loads((out / "diff.json").read_text())["flags"]
+    # NF4 codes against fp32 floats would flag a clean LoRA everywhere: the weight diff says why it is absent
+    assert [f["code"] for f in flags] == ["weights_not_diffed"] and "4-/8-bit base" in flags[0]["message"]
