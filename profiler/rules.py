@@ -18,6 +18,7 @@ FIT_D_MIN = 16              # first distance of the fit range
 # attention sink (the first tokens) at weight 1/W: the fit stops this many distances earlier, so
 # keys 0..FIT_SINK_MARGIN-1 never enter it (their mass is reported as sink mass instead).
 FIT_SINK_MARGIN = 8
+FIT_MIN_BINS = 4            # fewer distance bins (or TAF points) than this: the fit is flagged as coarse
 FIT_BINS_PER_OCTAVE = 4     # log-spaced bins between FIT_D_MIN and d_max = T - W
 BOOTSTRAP_SAMPLES = 200     # percentile bootstrap over probes
 CI_LEVEL = 0.95

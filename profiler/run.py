@@ -93,8 +93,30 @@ def progress_bar(total: int, desc: str, quiet: bool) -> tuple[Callable[[int], No
     return bar.update, bar.close
 
 
+def resolve_window(options: ProfileOptions, length: int) -> int:
+    """The tail window for a probe length, refused (before any model runs) where it leaves the
+    fit no distances; the TAF protocol has no window (one query per prompt)."""
+    if options.estimator == "taf":
+        if options.window is not None:
+            raise AttnprofError("--window does not apply to --estimator taf (its fit uses the last query only)")
+        return 1
+    window = cap.default_window(length) if options.window is None else options.window
+    if not 1 <= window < length:
+        raise AttnprofError(f"--window {window}: the tail window must hold at least 1 and fewer than the "
+                            f"probe length's {length} queries")
+    farthest = length - window - rules.FIT_SINK_MARGIN
+    if farthest <= rules.FIT_D_MIN:
+        raise AttnprofError(f"--window {window} at --length {length} leaves the fit no distances: the farthest "
+                            f"fitted distance T − W − {rules.FIT_SINK_MARGIN} = {farthest} must exceed "
+                            f"{rules.FIT_D_MIN}; use a smaller --window or a longer --length")
+    return window
+
+
 def make_probes(tokenizer, options: ProfileOptions, max_positions: int | None) -> ProbeSet:
+    if options.seed < 0:
+        raise AttnprofError(f"--seed {options.seed}: the seed must be ≥ 0")
     length = resolve_length(options.length, max_positions, options.allow_truncate)
+    resolve_window(options, length)                  # a bad window fails here, before any model loads
     probes = build_probes(options.probes, tokenizer, length, options.num, options.seed)
     if options.num < MIN_PROBES_FOR_CI:
         warnings.warn(f"{options.num} probe(s): the bootstrap over probes has few distinct resamples, "
@@ -108,9 +130,7 @@ def capture_loaded(loaded: LoadedModel, probes: ProbeSet, options: ProfileOption
     info = loaded.info
     if info.max_positions and length > info.max_positions:
         raise AttnprofError(f"probe length {length} exceeds {info.name}'s max positions ({info.max_positions})")
-    window = options.window or cap.default_window(length)
-    if not 1 <= window < length:
-        raise AttnprofError(f"window {window} must be between 1 and the probe length {length}")
+    window = resolve_window(options, length)
     model = loaded.model
     if options.estimator == "taf":
         steps = len([d for d in cap.TAF_DISTANCES if d + cap.TAF_PREFIX <= length]) * probes.num
@@ -125,12 +145,15 @@ def capture_loaded(loaded: LoadedModel, probes: ProbeSet, options: ProfileOption
         raise AttnprofError(f"unknown estimator {options.estimator!r} (tail, dense, taf)")
     close()
     model_dict = dict(vars(info))
-    probes_dict = {**probes.describe(), "window": window if options.estimator != "taf" else 1,
+    probes_dict = {**probes.describe(), "window": window,
                    "estimator": options.estimator, "fingerprint": fingerprint(probes.input_ids)}
     if options.estimator == "taf":
         setup = FitSetup.points(cap.taf_fit_distances(curves.distances), probes.num, options.seed)
     else:
         setup = FitSetup.make(d_max, probes.num, options.seed)
+    if len(setup.bins.lo) < rules.FIT_MIN_BINS:
+        warnings.warn(f"the fit has {len(setup.bins.lo)} distance bin(s) at T = {length}: every fit passes "
+                      "near them, so R², regimes and CIs say little (use a longer --length)")
     return build_profile(curves, probes.input_ids, model_dict, probes_dict, setup)
 
 

@@ -157,3 +157,27 @@ def test_which_layers_ask_for_a_fused_attention():
                     ("dense", True, True): True, ("dense", False, True): True,
                     ("tail", True, False): False, ("tail", False, False): False,
                     ("dense", True, False): False, ("dense", False, False): False}
+
+
+def test_taf_protocol_equals_eager_weights():
+    """`--estimator taf`: for each distance d a prompt of d + 50 tokens, one forward pass, the last
+    query's weight on the key d back; the oracle reads the same weight off eager attention maps."""
+    model = tiny_model(num_key_value_heads=2)
+    ids = np.random.default_rng(3).integers(0, 300, size=(2, 160))
+    cap.register()
+    model.set_attn_implementation(cap.ATTN_NAME)
+    taf = cap.capture_taf(model, ids)
+    usable = [d for d in cap.TAF_DISTANCES if d + cap.TAF_PREFIX <= 160]
+    assert usable == [10, 20, 30, 50, 100] and list(taf.distances) == usable
+    model.set_attn_implementation("eager")
+    oracle = np.zeros((2, 2, 4, len(usable)))
+    for n, row in enumerate(ids):
+        for k, d in enumerate(usable):
+            with torch.no_grad():
+                att = model(input_ids=torch.as_tensor(row[None, : d + cap.TAF_PREFIX]), output_attentions=True).attentions
+            oracle[n, :, :, k] = [a[0, :, -1, -1 - d].numpy() for a in att]
+    assert taf.A.shape == oracle.shape
+    assert np.abs(taf.A - oracle).max() <= 1e-6
+    assert list(cap.taf_fit_distances(taf.distances)) == [30, 50, 100]
+    with pytest.raises(cap.AttnprofError, match="at least 100"):      # 80 tokens: one distance ≥ 30
+        cap.capture_taf(model, ids[:, :80])

@@ -174,6 +174,34 @@ def test_a_threshold_that_would_turn_the_gate_off_is_refused(capsys, option, val
     assert f"({option}) is" in line and "must be" in line
 
 
+@pytest.mark.parametrize("options,message", [
+    (["--window", "0"], "--window 0: the tail window must hold at least 1"),
+    (["--window", "128"], "fewer than the probe length's 128 queries"),
+    (["--window", "110"], "--window 110 at --length 128 leaves the fit no distances"),
+    (["--estimator", "taf", "--window", "10"], "--window does not apply to --estimator taf"),
+    (["--seed", "-1"], "--seed -1: the seed must be ≥ 0"),
+])
+def test_bad_window_or_seed_is_refused_before_any_capture(tiny_dir, tmp_path, capsys, monkeypatch, options, message):
+    """A window the fit cannot use (0 once became the default silently; near T it failed only
+    after the whole capture) or a negative seed: one line naming the option, no model run."""
+    from profiler import capture
+    monkeypatch.setattr(capture, "capture", lambda *a, **k: pytest.fail("captured"))
+    args = ["profile", tiny_dir, "--out", tmp_path / "r", "--length", "128", "--num", "4", "--probes", "random",
+            "--no-report", *options]
+    assert message in one_error_line(*run_cli(args, capsys)[::2])
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("options,bins", [(["--length", "36"], 3), (["--estimator", "taf", "--length", "160"], 3)])
+def test_a_fit_on_too_few_distances_is_flagged(tiny_dir, tmp_path, capsys, options, bins):
+    """With fewer than rules.FIT_MIN_BINS points any power law fits (R² near 1, regimes moot): said."""
+    args = ["profile", tiny_dir, "--out", tmp_path / "r", "--num", "4", "--probes", "random", "--no-report", *options]
+    code, _, err = run_cli(args, capsys)
+    profile = json.loads((tmp_path / "r/profile.json").read_text())
+    assert code == 0 and len(profile["fit"]["bin_centers"]) == bins
+    assert f"the fit has {bins} distance bin(s)" in err
+
+
 def test_out_never_replaces_what_is_not_a_run(tiny_dir, tmp_path, capsys, monkeypatch):
     """--out replaces an earlier run only: a directory with other contents (here a copy of the
     model being profiled), a file, or the current directory is refused before any work, untouched."""
