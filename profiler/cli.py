@@ -32,6 +32,13 @@ class _Parser(argparse.ArgumentParser):
         raise AttnprofError(f"{message} (see `{self.prog} --help`)")
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: must be at least 1")
+    return value
+
+
 def _add_profile_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("probes and capture")
     g.add_argument("--probes", default="text:stdlib,random", metavar="SUITE",
@@ -72,7 +79,7 @@ def _add_profile_options(p: argparse.ArgumentParser) -> None:
     w.add_argument("--targets", default=None, metavar="MODULES",
                    help="the merged adapter's target modules, comma-separated (e.g. q_proj,v_proj): "
                         "changes elsewhere are flagged")
-    w.add_argument("--adapter-rank", type=int, default=None, metavar="R",
+    w.add_argument("--adapter-rank", type=_positive_int, default=None, metavar="R",
                    help="the merged adapter's rank: a ΔW rank well above it is flagged")
     o = p.add_argument_group("output")
     o.add_argument("--out", default=None, metavar="DIR", help="run directory (default reports/<name>/)")
@@ -146,6 +153,8 @@ def cmd_profile(args, command: str) -> int:
     if len(models) != 3 or models[1] != "vs":
         raise AttnprofError("expected `attnprof profile MODEL` or `attnprof profile BASE vs MERGED`")
     base, merged = models[0], models[2]
+    if args.no_weights and (args.targets or args.adapter_rank is not None):
+        raise AttnprofError("--targets and --adapter-rank describe the weight diff, which --no-weights skips")
     thresholds = GateThresholds(**{name: getattr(args, name) for name in GATE_OPTIONS
                                    if getattr(args, name) is not None})
     merged_options = replace(options, load_in_4bit=True) if args.merged_load_in_4bit else options

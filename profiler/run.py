@@ -276,6 +276,10 @@ def compare(base: str, merged: str, options: ProfileOptions | None = None,
     else:
         check_same_architecture(base_info, merged_source)
 
+    if with_weights and base_source.kind in ("dir", "demo"):      # a --targets typo fails before any capture
+        from .weights import check_target_modules
+        check_target_modules(base_source.path, target_modules)
+
     # probes come from the base tokenizer; both tokenizers must agree on them before any capture
     base_tokenizer = load_tokenizer(base_source)
     has_own_tokenizer = not is_adapter or any(merged_source.path.glob("tokenizer*.json"))

@@ -389,6 +389,20 @@ def adapter_deltas(adapter_dir: str | Path) -> dict[str, AdapterDelta]:
 
 # --- target modules ---------------------------------------------------------------------------
 
+def check_target_modules(checkpoint: str | Path, target_modules: Sequence[str] | str | None,
+                         catalogue: dict[str, TensorInfo] | None = None) -> None:
+    """Refuse target modules that name no weight of the checkpoint: a typo would mark every
+    change as outside the targets."""
+    if target_modules is None:
+        return
+    catalogue = catalogue if catalogue is not None else checkpoint_catalogue(checkpoint)
+    targets = _Targets(target_modules, None)
+    if not any(targets(name, len(info.shape)) for name, info in catalogue.items()):
+        leaves = sorted({_module_of(_module_of(n)[0])[1] for n in catalogue if n.endswith(".weight")})
+        raise AttnprofError(f"target modules {target_modules if isinstance(target_modules, str) else ','.join(target_modules)} "
+                            f"name no weight of {checkpoint} (its modules end in {', '.join(leaves[:12])})")
+
+
 def _module_of(name: str) -> tuple[str, str]:
     module, _, leaf = name.rpartition(".")
     return module, leaf
@@ -776,7 +790,10 @@ def diff_weights(base_dir: str | Path, merged_dir: str | Path, *, adapter_dir: s
     top_k: singular values kept per matrix. progress: callable(i, n, name) after each
     tensor, or True for a tqdm bar on stderr.
     """
+    if adapter_rank is not None and adapter_rank < 1:
+        raise AttnprofError(f"adapter rank {adapter_rank}: a LoRA rank is at least 1")
     base_cat = checkpoint_catalogue(base_dir)
+    check_target_modules(base_dir, target_modules, base_cat)
     merged_cat = checkpoint_catalogue(merged_dir)
     adapter = _Adapter(adapter_dir) if adapter_dir is not None else None
     if adapter is not None and adapter_rank is None and adapter.is_lora and adapter.config.get("r"):

@@ -180,14 +180,19 @@ def test_a_threshold_that_would_turn_the_gate_off_is_refused(capsys, option, val
     (["--window", "110"], "--window 110 at --length 128 leaves the fit no distances"),
     (["--estimator", "taf", "--window", "10"], "--window does not apply to --estimator taf"),
     (["--seed", "-1"], "--seed -1: the seed must be ≥ 0"),
+    (["vs", "SELF", "--targets", "q_projj"], "target modules q_projj name no weight"),
+    (["vs", "SELF", "--adapter-rank", "0"], "--adapter-rank: 0: must be at least 1"),
+    (["vs", "SELF", "--targets", "q_proj", "--no-weights"], "which --no-weights skips"),
 ])
-def test_bad_window_or_seed_is_refused_before_any_capture(tiny_dir, tmp_path, capsys, monkeypatch, options, message):
+def test_bad_options_are_refused_before_any_capture(tiny_dir, tmp_path, capsys, monkeypatch, options, message):
     """A window the fit cannot use (0 once became the default silently; near T it failed only
-    after the whole capture) or a negative seed: one line naming the option, no model run."""
+    after the whole capture), a negative seed, weight-diff options that match nothing or would go
+    unused: one line naming the option, no model run."""
     from profiler import capture
     monkeypatch.setattr(capture, "capture", lambda *a, **k: pytest.fail("captured"))
-    args = ["profile", tiny_dir, "--out", tmp_path / "r", "--length", "128", "--num", "4", "--probes", "random",
-            "--no-report", *options]
+    pair = ["vs", tiny_dir] if options[:2] == ["vs", "SELF"] else []
+    args = ["profile", tiny_dir, *pair, "--out", tmp_path / "r", "--length", "128", "--num", "4",
+            "--probes", "random", "--no-report", *options[len(pair):]]
     assert message in one_error_line(*run_cli(args, capsys)[::2])
     assert not (tmp_path / "r").exists()
 

@@ -111,10 +111,11 @@ def test_tokenizer_disagreement_is_refused(tiny_dir, tmp_path, capsys):
     text = tmp_path / "p.txt"
     text.write_text("attention decays with distance in many heads of a language model. " * 60)
     other = save_tiny(tmp_path / "other", num_key_value_heads=2, tokenizer=other_tok)
-    line = one_error(main([str(a) for a in ["profile", tiny_dir, "vs", other, "--probes", f"file:{text}",
-                                            "--length", "64", "--num", "4", "--no-report", "--quiet"]]),
-                     capsys.readouterr().err)
-    assert "tokenizers disagree" in line
+    for probes, reason in ((f"file:{text}", "tokenises differently"), ("random", "different ids")):
+        line = one_error(main([str(a) for a in ["profile", tiny_dir, "vs", other, "--probes", probes,
+                                                "--length", "64", "--num", "4", "--no-report", "--quiet"]]),
+                         capsys.readouterr().err)
+        assert "tokenizers disagree" in line and reason in line      # random ids: checked by vocabulary
 
 
 def test_adapter_merged_with_peft(tiny_dir, tmp_path, capsys):
