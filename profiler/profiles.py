@@ -153,7 +153,8 @@ class FitSetup:
     def describe(self) -> dict[str, Any]:
         return {"d_min": int(self.bins.lo[0]), "d_max": int(self.bins.hi[-1] - 1),
                 "bin_centers": self.bins.center, "bootstrap": int(self.resample.shape[0]),
-                "ci_level": rules.CI_LEVEL, "weights": "bin width in ln d"}
+                "ci_level": rules.CI_LEVEL,
+                "weights": "bin width in ln d" if self.bins.weights is None else "equal (least squares on points)"}
 
 
 def fit_capture(curves: Capture, setup: FitSetup) -> tuple[dict, np.ndarray, dict, np.ndarray]:

@@ -204,6 +204,8 @@ def test_a_fit_on_too_few_distances_is_flagged(tiny_dir, tmp_path, capsys, optio
     code, _, err = run_cli(args, capsys)
     profile = json.loads((tmp_path / "r/profile.json").read_text())
     assert code == 0 and len(profile["fit"]["bin_centers"]) == bins
+    taf = "taf" in options
+    assert profile["fit"]["weights"] == ("equal (least squares on points)" if taf else "bin width in ln d")
     assert f"the fit has {bins} distance bin(s)" in err
 
 
