@@ -32,7 +32,8 @@ class _Parser(argparse.ArgumentParser):
         raise AttnprofError(f"{message} (see `{self.prog} --help`)")
 
 
-def _positive_int(text: str) -> int:
+def rank(text: str) -> int:
+    """argparse type of --adapter-rank (its name is in argparse's "invalid rank value")."""
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value}: must be at least 1")
@@ -79,7 +80,7 @@ def _add_profile_options(p: argparse.ArgumentParser) -> None:
     w.add_argument("--targets", default=None, metavar="MODULES",
                    help="the merged adapter's target modules, comma-separated (e.g. q_proj,v_proj): "
                         "changes elsewhere are flagged")
-    w.add_argument("--adapter-rank", type=_positive_int, default=None, metavar="R",
+    w.add_argument("--adapter-rank", type=rank, default=None, metavar="R",
                    help="the merged adapter's rank: a ΔW rank well above it is flagged")
     o = p.add_argument_group("output")
     o.add_argument("--out", default=None, metavar="DIR", help="run directory (default reports/<name>/)")
@@ -136,19 +137,21 @@ def cmd_profile(args, command: str) -> int:
     models = args.models
     options = _options(args)
     if len(models) == 1:
-        given = [f"--{name.replace('_', '-')}" for name in DIFF_ONLY if getattr(args, name) not in (None, False)]
+        given = [f"--{name.replace('_', '-')}" for name in DIFF_ONLY
+                 if getattr(args, name) is not None and getattr(args, name) is not False]   # 0 is given
         if given:
             raise AttnprofError(f"{', '.join(given)}: only for two models, `attnprof profile BASE vs MERGED`"
                                 + (" (for one model in 4-bit, --load-in-4bit)" if args.merged_load_in_4bit else ""))
         source = resolve_source(models[0])
-        out = check_run_dir(args.out or Path("reports") / _safe_name(source.name))   # before any work
+        shown = Path(args.out or Path("reports") / _safe_name(source.name))
+        out = check_run_dir(shown)                      # before any work
         profile = run.profile(source.spec, **vars(options))
         run.write_run(out, command=command, profile=profile, render=not args.no_report, seed=args.seed)
         if args.json:
             sys.stdout.write(profile.to_json())
         elif not args.quiet:
             print(terminal_summary(profile), file=sys.stderr)
-            print(f"wrote {out}/", file=sys.stderr)
+            print(f"wrote {shown}/", file=sys.stderr)
         return EXIT_OK
     if len(models) != 3 or models[1] != "vs":
         raise AttnprofError("expected `attnprof profile MODEL` or `attnprof profile BASE vs MERGED`")
@@ -158,7 +161,8 @@ def cmd_profile(args, command: str) -> int:
     thresholds = GateThresholds(**{name: getattr(args, name) for name in GATE_OPTIONS
                                    if getattr(args, name) is not None})
     merged_options = replace(options, load_in_4bit=True) if args.merged_load_in_4bit else options
-    out = check_run_dir(args.out or Path("reports") / f"{_safe_name(base)}-vs-{_safe_name(merged)}")
+    shown = Path(args.out or Path("reports") / f"{_safe_name(base)}-vs-{_safe_name(merged)}")
+    out = check_run_dir(shown)
     with tempfile.TemporaryDirectory(prefix="attnprof-") as work:
         targets = args.targets.split(",") if args.targets else None
         result = run.compare(base, merged, options, thresholds, merged_options, workdir=work,
@@ -172,7 +176,7 @@ def cmd_profile(args, command: str) -> int:
         print(terminal_summary(result.base), file=sys.stderr)
         print(terminal_summary(result.merged), file=sys.stderr)
         print(diff_summary(diff), file=sys.stderr)
-        print(f"wrote {out}/", file=sys.stderr)
+        print(f"wrote {shown}/", file=sys.stderr)
     return diff.verdict_result.exit_code
 
 

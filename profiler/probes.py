@@ -238,13 +238,15 @@ def tokenizers_agree(base_tokenizer, other_tokenizer, probes: ProbeSet) -> str |
     """None when both tokenizers give the probes the same ids; otherwise the first disagreement."""
     if len(base_tokenizer) != len(other_tokenizer):
         return f"vocabulary sizes differ ({len(base_tokenizer)} vs {len(other_tokenizer)})"
-    if any(source in ("random", "repeat") for source in probes.sources):
-        # ids drawn without text mean the same tokens to both models only if the vocabularies agree
-        base_vocab, other_vocab = base_tokenizer.get_vocab(), other_tokenizer.get_vocab()
-        if base_vocab != other_vocab:
-            token = min(t for t in base_vocab if base_vocab[t] != other_vocab.get(t))
-            return (f"the vocabularies give token {token!r} different ids ({base_vocab[token]} vs "
-                    f"{other_vocab.get(token)}), so random-id probes mean different text to each")
+    drawn = [row for row, source in zip(probes.input_ids, probes.sources) if source in ("random", "repeat")]
+    if drawn:
+        # ids drawn without text mean the same tokens to both models only if both name them alike
+        # (special tokens, which random probes never draw, may differ)
+        ids = np.unique(np.concatenate(drawn)).tolist()
+        for i, a, b in zip(ids, base_tokenizer.convert_ids_to_tokens(ids), other_tokenizer.convert_ids_to_tokens(ids)):
+            if a != b:
+                return (f"token id {i} is {a!r} to one and {b!r} to the other, so random-id probes mean "
+                        "different text to each")
     for n, row in enumerate(probes.input_ids):
         if probes.sources[n] in ("random", "repeat"):
             continue

@@ -7,7 +7,6 @@ and `--max-regime-flips` (see DESIGN.md §6 and the README).
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass, fields
 
 from .errors import AttnprofError
@@ -94,7 +93,11 @@ class GateThresholds:
         turn the gate off without a word, so they are refused, as are negative values."""
         for f in fields(self):
             value, fraction = getattr(self, f.name), f.name != "max_model_dgamma"
-            if not (isinstance(value, numbers.Real) and math.isfinite(value) and 0 <= value <= (1 if fraction else value)):
+            try:                                # numbers of any kind (numpy, Decimal), not text
+                number = math.nan if isinstance(value, (str, bytes)) else float(value)
+            except (TypeError, ValueError):
+                number = math.nan
+            if not (math.isfinite(number) and 0 <= number <= (1 if fraction else number)):
                 need = "a fraction in [0, 1] (0.10 = 10 % of heads)" if fraction else "a finite number ≥ 0"
                 raise AttnprofError(f"gate threshold {f.name} (--{f.name.replace('_', '-')}) is {value!r}: "
                                     f"it must be {need}")

@@ -106,9 +106,11 @@ def resolve_window(options: ProfileOptions, length: int) -> int:
                             f"probe length's {length} queries")
     farthest = length - window - rules.FIT_SINK_MARGIN
     if farthest <= rules.FIT_D_MIN:
-        raise AttnprofError(f"--window {window} at --length {length} leaves the fit no distances: the farthest "
-                            f"fitted distance T − W − {rules.FIT_SINK_MARGIN} = {farthest} must exceed "
-                            f"{rules.FIT_D_MIN}; use a smaller --window or a longer --length")
+        given = options.window is not None
+        raise AttnprofError(f"{'--window' if given else 'the default window'} {window} at probe length {length} "
+                            f"leaves the fit no distances: the farthest fitted distance T − W − "
+                            f"{rules.FIT_SINK_MARGIN} = {farthest} must exceed {rules.FIT_D_MIN}; use "
+                            + ("a smaller --window or " if given else "") + "a longer --length")
     return window
 
 
@@ -389,7 +391,8 @@ def write_run(out: Any, *, command: str, profile: Profile | None = None,
     from .profiles import versions, write_json
     from .results import dumps
 
-    with atomic_dir(check_run_dir(out)) as tmp:
+    out = check_run_dir(out)
+    with atomic_dir(out) as tmp:
         if comparison is not None:
             for side, prof in (("base", comparison.base), ("merged", comparison.merged)):
                 (tmp / side).mkdir()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -396,11 +397,18 @@ def check_target_modules(checkpoint: str | Path, target_modules: Sequence[str] |
     if target_modules is None:
         return
     catalogue = catalogue if catalogue is not None else checkpoint_catalogue(checkpoint)
-    targets = _Targets(target_modules, None)
-    if not any(targets(name, len(info.shape)) for name, info in catalogue.items()):
-        leaves = sorted({_module_of(_module_of(n)[0])[1] for n in catalogue if n.endswith(".weight")})
-        raise AttnprofError(f"target modules {target_modules if isinstance(target_modules, str) else ','.join(target_modules)} "
-                            f"name no weight of {checkpoint} (its modules end in {', '.join(leaves[:12])})")
+    entries = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+    unmatched = [entry for entry in entries
+                 if not any(_Targets(entry if isinstance(target_modules, str) else [entry], None)(name, len(info.shape))
+                            for name, info in catalogue.items())]
+    if not unmatched:
+        return
+    leaves = sorted({_module_of(_module_of(n)[0])[1] for n in catalogue if n.endswith(".weight")})
+    named = f"name no weight of {checkpoint} (its modules end in {', '.join(leaves[:12])})"
+    if len(unmatched) == len(entries):
+        raise AttnprofError(f"target modules {', '.join(unmatched)} {named}")
+    # as in PEFT, a list may hold names for other architectures; but a typo should be seen
+    warnings.warn(f"target modules {', '.join(unmatched)} {named}")
 
 
 def _module_of(name: str) -> tuple[str, str]:

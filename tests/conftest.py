@@ -75,17 +75,18 @@ TINY_CORPUS = ("attention decays with distance in many heads of a language model
                "low rank adapters change a few directions of the weights. ") * 20
 
 
-def tiny_tokenizer(vocab_size: int = 300):
-    """A small byte-level BPE trained on a fixed sentence (no downloads, deterministic)."""
+def tiny_tokenizer(vocab_size: int = 300, eos: str = "<eos>"):
+    """A small byte-level BPE trained on a fixed sentence (no downloads, deterministic); `eos`
+    names its one special token (id 0)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
     from transformers import PreTrainedTokenizerFast
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 1, special_tokens=["<eos>"],
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 1, special_tokens=[eos],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator([TINY_CORPUS], trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos)
 
 
 def save_tiny(path: Path, kind: str = "llama", seed: int = 0, dtype=torch.float32, tokenizer=None,

@@ -177,10 +177,10 @@ def test_a_threshold_that_would_turn_the_gate_off_is_refused(capsys, option, val
 @pytest.mark.parametrize("options,message", [
     (["--window", "0"], "--window 0: the tail window must hold at least 1"),
     (["--window", "128"], "fewer than the probe length's 128 queries"),
-    (["--window", "110"], "--window 110 at --length 128 leaves the fit no distances"),
+    (["--window", "110"], "--window 110 at probe length 128 leaves the fit no distances"),
     (["--estimator", "taf", "--window", "10"], "--window does not apply to --estimator taf"),
     (["--seed", "-1"], "--seed -1: the seed must be ≥ 0"),
-    (["vs", "SELF", "--targets", "q_projj"], "target modules q_projj name no weight"),
+    (["vs", "SELF", "--targets", "q_projj,v_porj"], "target modules q_projj, v_porj name no weight"),
     (["vs", "SELF", "--adapter-rank", "0"], "--adapter-rank: 0: must be at least 1"),
     (["vs", "SELF", "--targets", "q_proj", "--no-weights"], "which --no-weights skips"),
 ])
@@ -233,6 +233,28 @@ def test_out_never_replaces_what_is_not_a_run(tiny_dir, tmp_path, capsys, monkey
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "notes.txt", "run"]
 
 
+def test_a_target_list_with_one_unknown_name_warns(tiny_dir, tmp_path, capsys):
+    """PEFT lists may name modules of other architectures, so one unknown entry is not an error,
+    but it is said (a typo would otherwise mark every change to that module as outside the targets)."""
+    code, _, err = run_cli(["profile", tiny_dir, "vs", tiny_dir, "--targets", "q_proj,v_porj", "--out", tmp_path / "r",
+                            *FAST[:-1]], capsys)
+    assert code == 0 and "attnprof: warning: target modules v_porj name no weight" in err
+
+
+def test_write_run_returns_the_run_directory(tiny_dir, tmp_path, monkeypatch, capsys):
+    """The Python API's write_run gives back the directory it wrote (a Path, relative paths taken
+    from the current directory), which the notebook goes on to read; the CLI prints the path as given."""
+    import profiler
+    from profiler.run import write_run
+    monkeypatch.chdir(tmp_path)
+    prof = profiler.profile(str(tiny_dir), length=128, num=4, probes="random", quiet=True)
+    out = write_run("runs/mine", command="test", profile=prof, render=False)
+    assert out == tmp_path / "runs" / "mine" and (out / "run.json").is_file()
+    code, _, err = run_cli(["profile", tiny_dir, "--out", "runs/cli", "--length", "128", "--num", "4",
+                            "--probes", "random", "--no-report"], capsys)
+    assert code == 0 and err.strip().endswith("wrote runs/cli/")
+
+
 def test_a_failed_rename_leaves_the_earlier_run(tmp_path, monkeypatch):
     """If moving the new run into place fails, the temporary directory goes and the earlier run
     is back where it was."""
@@ -269,7 +291,7 @@ def test_gate_thresholds_decide_the_exit_code(tiny_dir, tmp_path, capsys):
     assert diff["thresholds"] == {"max_model_dgamma": 0.0, "max_shifted_heads": 0.1, "max_regime_flips": 0.1}
 
 
-@pytest.mark.parametrize("option", [["--merged-load-in-4bit"], ["--max-shifted-heads", "0.2"],
+@pytest.mark.parametrize("option", [["--merged-load-in-4bit"], ["--max-shifted-heads", "0.2"], ["--max-model-dgamma", "0"],
                                     ["--targets", "q_proj"], ["--adapter-rank", "8"]])
 def test_base_vs_merged_options_need_two_models(tiny_dir, capsys, option):
     """A gate threshold or a diff option given with one model would be silently unused (a pipeline

@@ -111,11 +111,21 @@ def test_tokenizer_disagreement_is_refused(tiny_dir, tmp_path, capsys):
     text = tmp_path / "p.txt"
     text.write_text("attention decays with distance in many heads of a language model. " * 60)
     other = save_tiny(tmp_path / "other", num_key_value_heads=2, tokenizer=other_tok)
-    for probes, reason in ((f"file:{text}", "tokenises differently"), ("random", "different ids")):
+    capsys.readouterr()                                # the set-up's own progress output
+    for probes, reason in ((f"file:{text}", "tokenises differently"), ("random", "random-id probes mean different text")):
         line = one_error(main([str(a) for a in ["profile", tiny_dir, "vs", other, "--probes", probes,
                                                 "--length", "64", "--num", "4", "--no-report", "--quiet"]]),
                          capsys.readouterr().err)
         assert "tokenizers disagree" in line and reason in line      # random ids: checked by vocabulary
+
+    # a renamed special token (random probes never draw special ids) is no disagreement
+    renamed = tiny_tokenizer(300, eos="<|im_end|>")
+    assert renamed.convert_ids_to_tokens(0) == "<|im_end|>" and base_tok.convert_ids_to_tokens(0) == "<eos>"
+    assert [t for t in renamed.get_vocab() if t not in base_tok.get_vocab()] == ["<|im_end|>"]
+    chat = save_tiny(tmp_path / "chat", num_key_value_heads=2, tokenizer=renamed)
+    code = main([str(a) for a in ["profile", tiny_dir, "vs", chat, "--probes", "random", "--length", "64",
+                                  "--num", "4", "--no-report", "--quiet", "--no-weights", "--out", tmp_path / "c"]])
+    assert code == 0                           # same weights (seed 0), same ids: nothing moved
 
 
 def test_adapter_merged_with_peft(tiny_dir, tmp_path, capsys):
