@@ -186,6 +186,9 @@ def diff_summary(diff) -> str:
              f"  model Δgamma {diff.model_dgamma:+.4f}  95% CI [{lo:+.4f}, {hi:+.4f}]",
              f"  shifted heads {diff.shifted_heads} ({diff.shifted_fraction:.1%}), regime flips "
              f"{diff.regime_flips} ({diff.regime_flip_fraction:.1%}), mean JS {diff.js_mean:.2e}"]
+    sure, possible = diff.shifted_heads_range
+    lines.append(f"  within the CIs: {sure} heads shifted beyond doubt, {possible} possibly"
+                 + ("; BORDERLINE: at the CIs' ends the verdict would go either way" if diff.borderline else ""))
     for f in diff.flags:
         lines.append(f"  [{f['severity']}] {f['code']}: {f['message']}")
     return "\n".join(lines)

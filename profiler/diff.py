@@ -60,6 +60,8 @@ class ProfileDiff(Result):
     model_dgamma_ci: tuple[float, float]
     shifted_heads: int
     shifted_fraction: float
+    shifted_heads_range: tuple[int, int]  # shifted beyond doubt … possibly shifted, within the CIs
+    borderline: bool                      # within the CIs the verdict could go either way
     regime_flips: int
     regime_flip_fraction: float
     js_mean: float
@@ -87,7 +89,9 @@ class ProfileDiff(Result):
     def summary(self) -> dict[str, Any]:
         lo, hi = self.model_dgamma_ci
         return {"verdict": self.verdict, "model Δgamma": f"{self.model_dgamma:+.4f} [{lo:+.4f}, {hi:+.4f}]",
-                "shifted heads": f"{self.shifted_heads} ({self.shifted_fraction:.1%})",
+                "shifted heads": f"{self.shifted_heads} ({self.shifted_fraction:.1%}); "
+                                 f"{self.shifted_heads_range[0]}–{self.shifted_heads_range[1]} within the CIs",
+                "borderline": self.borderline,
                 "regime flips": f"{self.regime_flips} ({self.regime_flip_fraction:.1%})",
                 "mean JS": f"{self.js_mean:.2e}", "reasons": "; ".join(self.reasons)}
 
@@ -120,6 +124,25 @@ def gate(model_dgamma: float, shifted_fraction: float, flip_fraction: float,
         reasons.append(f"regime flips {flip_fraction:.1%} > {thresholds.max_regime_flips:.0%}")
     verdict = "regression" if reasons else "pass"
     return Verdict(verdict, reasons or ["all within thresholds"], asdict(thresholds))
+
+
+def verdict_uncertainty(heads: list[HeadDiff], model_dgamma_ci: tuple[float, float], flip_fraction: float,
+                        thresholds: rules.GateThresholds) -> tuple[tuple[int, int], bool]:
+    """How far the verdict rests on point estimates: the count of shifted heads read from the
+    ends of their paired CIs (shifted beyond doubt: the whole CI past ±SHIFT_MIN_ABS_DGAMMA;
+    possibly shifted: the CI excludes 0 and reaches that far), and whether the gate would decide
+    differently at the low and the high ends (those counts, and the model |Δγ| CI's ends)."""
+    cut = rules.SHIFT_MIN_ABS_DGAMMA
+    sure = sum(h.shifted and (h.dgamma_ci[0] >= cut or h.dgamma_ci[1] <= -cut) for h in heads)
+    possible = sum(h.shifted or ((h.dgamma_ci[0] > 0 or h.dgamma_ci[1] < 0) and max(map(abs, h.dgamma_ci)) >= cut)
+                   for h in heads)
+    lo, hi = model_dgamma_ci
+    far = max(abs(lo), abs(hi))
+    near = 0.0 if lo <= 0 <= hi else min(abs(lo), abs(hi))
+    total = max(1, len(heads))
+    low = gate(near, sure / total, flip_fraction, thresholds).verdict
+    high = gate(far, possible / total, flip_fraction, thresholds).verdict
+    return (sure, possible), low != high
 
 
 def check_comparable(base: Profile, merged: Profile) -> None:
@@ -172,10 +195,12 @@ def diff_profiles(base: Profile, merged: Profile, thresholds: rules.GateThreshol
     shifted = sum(h.shifted for h in heads)
     flips = sum(h.regime_base != h.regime_merged for h in heads)
     verdict = gate(model_dgamma, shifted / total, flips / total, thresholds)
+    shifted_range, borderline = verdict_uncertainty(heads, tuple(model_ci), flips / total, thresholds)
     return ProfileDiff(
         verdict=verdict.verdict, thresholds=verdict.thresholds, reasons=verdict.reasons,
         model_dgamma=model_dgamma, model_dgamma_ci=tuple(model_ci), shifted_heads=shifted,
-        shifted_fraction=shifted / total, regime_flips=flips, regime_flip_fraction=flips / total,
+        shifted_fraction=shifted / total, shifted_heads_range=shifted_range, borderline=borderline,
+        regime_flips=flips, regime_flip_fraction=flips / total,
         js_mean=float(js.mean()), transitions={"labels": labels, "counts": counts.tolist()}, heads=heads,
         probes_fingerprint=base.probes.get("fingerprint", ""))
 

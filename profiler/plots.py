@@ -63,20 +63,24 @@ def new_figure(width: float, height: float) -> Figure:
     return Figure(figsize=(min(width, MAX_WIDTH_IN), height), dpi=DPI, layout="constrained")
 
 
-def figure_png(fig: Figure) -> bytes:
+def figure_png(fig: Figure, exact_colours: bool = False) -> bytes:
     """Encode a figure as a compact, deterministic PNG.
 
-    Agg at 100 dpi, then an adaptive 256-colour palette without dithering (plots have few
-    colours; this makes the file about three times smaller) and optimised deflate.
+    Agg at 100 dpi, then an adaptive 256-colour palette without dithering (this makes line plots
+    about three times smaller) and optimised deflate. `exact_colours` keeps every colour where a
+    colour scale carries data: cut down to 256 colours, heat-map cells moved along their scale
+    (Δγ of +0.048 and +0.052 came out alike, a strong red turned brown). A figure with at most
+    256 colours gets the palette either way, losslessly.
     """
     raw = io.BytesIO()
     fig.savefig(raw, format="png", dpi=DPI, facecolor="white", metadata={"Software": None})
     raw.seek(0)
     with Image.open(raw) as image:
-        palette = image.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT,
-                                                dither=Image.Dither.NONE)
+        rgb = image.convert("RGB")
+    if not exact_colours or rgb.getcolors(256) is not None:
+        rgb = rgb.quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
     out = io.BytesIO()
-    palette.save(out, format="png", optimize=True)
+    rgb.save(out, format="png", optimize=True)
     return out.getvalue()
 
 
@@ -573,8 +577,8 @@ def _module_order(modules: Iterable[str]) -> list[str]:
 def plot_weight_norms(diff_json: Mapping[str, Any]) -> Figure:
     """Layer × module heatmap of ‖ΔW‖_F / ‖W‖_F (log colours); red boxes: changed outside targets.
 
-    Only matrices are mapped (norm vectors and other 1-D tensors stay in the table); a value of
-    0 (identical weights) takes the lightest, below-scale colour.
+    Only matrices are mapped (norm vectors and other 1-D tensors stay in the table); identical
+    weights and rounding-only changes take the lightest, below-scale colour.
     """
     tensors = _weight_tensors(diff_json)
     matrices = [t for t in tensors if len(t.get("shape") or [0, 0]) == 2]
@@ -587,8 +591,12 @@ def plot_weight_norms(diff_json: Mapping[str, Any]) -> Figure:
     M = max(1, len(modules))
     grid = np.full((max(L, 1), M), np.nan)
     outside = []
+    rounding = 0
     for (layer, module), t in layered:
-        grid[layer, modules.index(module)] = _num(t.get("rel_norm"))
+        # rounding to another float format is no change: drawn below the scale, as identical weights
+        counted = t.get("status") != "rounding only"
+        rounding += not counted
+        grid[layer, modules.index(module)] = _num(t.get("rel_norm")) if counted else 0.0
         if t.get("changed") and t.get("in_targets") is False:
             outside.append((layer, modules.index(module)))
     positive = grid[np.isfinite(grid) & (grid > 0)]
@@ -618,6 +626,8 @@ def plot_weight_norms(diff_json: Mapping[str, Any]) -> Figure:
                 ax.text(modules.index(module), layer, f"{v:.1e}", ha="center", va="center",
                         fontsize=7.5, color="white" if dark else "black")
     title = "Relative weight change ‖ΔW‖/‖W‖ per layer and module"
+    if rounding:
+        title += f"\n(palest: unchanged, or rounding only: {rounding} matrices)"
     if outside:
         title += f"\n(red boxes: {len(outside)} changed outside the adapter targets)"
     ax.set_title(title)

@@ -81,6 +81,8 @@ class FigureSpec:
     alt: str
     caption: str
     draw: Callable[[], Any]
+    exact_colours: bool = False           # a continuous colour scale carries data: no palette
+
 
 
 # --- loading ---------------------------------------------------------------------------------
@@ -178,7 +180,7 @@ def figure_specs(data: RunData) -> list[FigureSpec]:
             FigureSpec("gamma_heatmap.png", "Decay exponent per head",
                        "Heatmap of gamma per layer (rows) and head (columns).",
                        "γ of each head's power-law fit; grey: no value (fit undefined).",
-                       lambda: plots.plot_gamma_heatmap(p)),
+                       lambda: plots.plot_gamma_heatmap(p), exact_colours=True),
             FigureSpec("regime_map.png", "Regime per head",
                        "Map of regime labels per layer and head, coloured by category.",
                        "First matching rule of the regime table (see below).",
@@ -193,7 +195,7 @@ def figure_specs(data: RunData) -> list[FigureSpec]:
                    "delta gamma with shifted heads boxed.",
                    "Base and merged share one colour scale. Δγ uses a diverging scale centred "
                    "at 0; boxed heads have shifted (paired CI excludes 0 and |Δγ| ≥ 0.05).",
-                   lambda: plots.plot_gamma_maps(base.profile, merged.profile, diff)),
+                   lambda: plots.plot_gamma_maps(base.profile, merged.profile, diff), exact_colours=True),
         FigureSpec("regime_maps.png", "Regime per head",
                    "Regime label maps of base and merged per layer and head; changed heads boxed.",
                    "Categorical colours per regime; boxed heads changed label.",
@@ -207,19 +209,22 @@ def figure_specs(data: RunData) -> list[FigureSpec]:
         FigureSpec("transitions.png", "Regime transitions",
                    "Matrix of regime transition counts, base regime rows by merged regime columns.",
                    "Counts of heads; the diagonal (boxed) keeps its label.",
-                   lambda: plots.plot_transition_matrix(diff)),
+                   lambda: plots.plot_transition_matrix(diff), exact_colours=True),
     ]
     if plots.weight_tensors(diff):
         specs += [
             FigureSpec("weight_norms.png", "Relative weight change",
                        "Heatmap of the relative Frobenius norm of the weight change per layer "
                        "and module, on a log colour scale.",
-                       "‖W_merged − W_base‖_F / ‖W_base‖_F. Red boxes: changed but not an "
-                       "adapter target.", lambda: plots.plot_weight_norms(diff)),
+                       "‖W_merged − W_base‖_F / ‖W_base‖_F. Palest cells: identical, or changed "
+                       "only by rounding to another float format (not counted as a change). Red "
+                       "boxes: changed but not an adapter target.", lambda: plots.plot_weight_norms(diff),
+                       exact_colours=True),
             FigureSpec("spectra.png", "Singular-value spectra",
                        "Singular values of the weight change for the most changed matrices, "
                        "with noise floor and adapter rank marked.",
-                       "Dashed: estimated bf16/fp16 rounding noise floor; dotted: adapter rank; "
+                       "Dashed: noise floor (the bound on rounding noise of the stored formats, or "
+                       "for float32 pairs the numerical-rank tolerance σ₁·max(m, n)·ε); dotted: adapter rank; "
                        "squares: exact singular values of scale·B·A when the adapter was given.",
                        lambda: plots.plot_spectra(diff)),
         ]
@@ -228,7 +233,7 @@ def figure_specs(data: RunData) -> list[FigureSpec]:
 
 def render_figures(data: RunData) -> list[tuple[FigureSpec, bytes]]:
     """Draw every figure of the report and encode it as PNG bytes."""
-    return [(spec, plots.figure_png(spec.draw())) for spec in figure_specs(data)]
+    return [(spec, plots.figure_png(spec.draw(), spec.exact_colours)) for spec in figure_specs(data)]
 
 
 # --- HTML helpers ----------------------------------------------------------------------------
@@ -348,7 +353,7 @@ def _banner_pair(data: RunData) -> str:
         ("model Δγ", f"{_fmt(mdg, signed=True)} {_fmt_ci(diff.get('model_dgamma_ci'))}",
          f"|Δγ| ≤ {_num(th['max_model_dgamma']):g}",
          _check(math.isfinite(mdg) and abs(mdg) > _num(th["max_model_dgamma"]))),
-        ("shifted heads", f"{shifted} of {n} ({_pct(diff.get('shifted_fraction'))})",
+        ("shifted heads", f"{shifted} of {n} ({_pct(diff.get('shifted_fraction'))}){_shifted_range(diff, ', ')}",
          f"≤ {_pct(th['max_shifted_heads'])}",
          _check(_num(diff.get("shifted_fraction")) > _num(th["max_shifted_heads"]))),
         ("regime flips", f"{flips} of {n} ({_pct(diff.get('regime_flip_fraction'))})",
@@ -359,10 +364,24 @@ def _banner_pair(data: RunData) -> str:
     body = "".join(f"<tr><th scope=\"row\">{_e(a)}</th><td>{_e(b)}</td><td>{_e(c)}</td><td>{d}</td></tr>"
                    for a, b, c, d in rows)
     reasons = "".join(f"<li>{_e(r)}</li>" for r in diff.get("reasons") or [])
+    if diff.get("borderline"):
+        reasons += f"<li><strong>Borderline:</strong> {_e(BORDERLINE_NOTE)}</li>"
     cls = verdict if verdict in ("pass", "regression") else "single"
-    return (f'<section class="banner {cls}" id="verdict"><p class="verdict">{_e(verdict.upper())}</p>'
-            f"<table><thead><tr><th>measure</th><th>value</th><th>threshold</th><th></th></tr>"
-            f"</thead><tbody>{body}</tbody></table><ul>{reasons}</ul></section>")
+    title = verdict.upper() + (" (borderline)" if diff.get("borderline") else "")
+    return (f'<section class="banner {cls}" id="verdict"><p class="verdict">{_e(title)}</p>'
+            f'<div class="tablewrap"><table><thead><tr><th>measure</th><th>value</th><th>threshold</th><th></th></tr>'
+            f"</thead><tbody>{body}</tbody></table></div><ul>{reasons}</ul></section>")
+
+
+BORDERLINE_NOTE = ("read at the ends of the paired CIs (heads shifted beyond doubt or possibly shifted, "
+                   "model |Δγ| at its CI's ends) the gate would decide the other way: more probes "
+                   "(--num) narrow the CIs")
+
+
+def _shifted_range(diff: Mapping[str, Any], sep: str) -> str:
+    """"11–45 within the CIs" for a diff that says how firm its shifted count is (older ones don't)."""
+    span = diff.get("shifted_heads_range")
+    return f"{sep}{span[0]}–{span[1]} within the CIs" if span else ""
 
 
 def _banner_single(data: RunData) -> str:
@@ -381,7 +400,7 @@ def _banner_single(data: RunData) -> str:
                      f"{pade:.3f}, relative error {_pct(ml.get('pade_relative_error'))}{note}"))
     body = "".join(f"<tr><th scope=\"row\">{_e(a)}</th><td>{_e(b)}</td></tr>" for a, b in rows)
     return (f'<section class="banner single" id="verdict"><p class="verdict">SINGLE-MODEL PROFILE</p>'
-            f"<table><tbody>{body}</tbody></table>"
+            f'<div class="tablewrap"><table><tbody>{body}</tbody></table></div>'
             f"<p class=\"muted\">No verdict: profile a base and a merged model "
             f"(<code>attnprof profile BASE vs MERGED</code>) to gate a fine-tune.</p></section>")
 
@@ -665,15 +684,17 @@ def summary_markdown(run: str | Path | RunData) -> str:
     n = len(diff.get("heads", []))
     verdict = str(diff.get("verdict", "unknown")).upper()
     names = " vs ".join(m.name for m in data.models.values())
-    lines = [f"## attnprof: {verdict} — {names}", "",
+    lines = [f"## attnprof: {verdict}{' (borderline)' if diff.get('borderline') else ''} — {names}", "",
              f"- model Δγ = {_fmt(diff.get('model_dgamma'), signed=True)} "
              f"{_fmt_ci(diff.get('model_dgamma_ci'))} (threshold |Δγ| ≤ {_num(th['max_model_dgamma']):g})",
              f"- shifted heads: {diff.get('shifted_heads')}/{n} ({_pct(diff.get('shifted_fraction'))}, "
-             f"threshold ≤ {_pct(th['max_shifted_heads'])})",
+             f"threshold ≤ {_pct(th['max_shifted_heads'])}){_shifted_range(diff, '; ')}",
              f"- regime flips: {diff.get('regime_flips')}/{n} ({_pct(diff.get('regime_flip_fraction'))}, "
              f"threshold ≤ {_pct(th['max_regime_flips'])})",
              f"- mean JS divergence: {_fmt(diff.get('js_mean'), 4)}",
              "- reasons: " + "; ".join(str(r) for r in diff.get("reasons") or ["—"])]
+    if diff.get("borderline"):
+        lines.append(f"- borderline: {BORDERLINE_NOTE}")
     tensors = [t for t in plots.weight_tensors(diff) if math.isfinite(_num(t.get("rel_norm")))]
     if tensors:
         tensors.sort(key=lambda t: -_num(t.get("rel_norm")))

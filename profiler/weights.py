@@ -630,6 +630,8 @@ def _diff_pair(name: str, ib: TensorInfo, im: TensorInfo,
             if rank:    # resolve ranks past the "not a pure LoRA merge" threshold
                 k = max(k, int(math.ceil(RANK_WELL_ABOVE_ADAPTER * rank)) + 2)
             _matrix_summary(td, scan, k, top_k)
+            if adapter_delta is None and adapter_rank and in_targets is not False:
+                td.adapter_rank = adapter_rank     # the rank it was told (--adapter-rank), for the plots
         elif matrix and td.status == ROUNDING_ONLY:
             td.noise_floor = spectra.noise_floor(scan.row_var, scan.col_var)
     if matrix and not td.changed:            # identical, or rounding by construction: no signal
@@ -638,6 +640,12 @@ def _diff_pair(name: str, ib: TensorInfo, im: TensorInfo,
     if adapter_delta is not None:
         fits = _compare_adapter(td, scan, adapter_delta, top_k)
     return td, fits
+
+
+def _adapter_targets(adapter: _Adapter | None) -> list[str] | str | None:
+    """The target modules an adapter's config names (what its merge was allowed to change)."""
+    targets = adapter.config.get("target_modules") if adapter is not None else None
+    return sorted(targets) if isinstance(targets, (list, tuple, set)) else targets
 
 
 def _dtype_name(info: TensorInfo) -> str:
@@ -853,7 +861,8 @@ def diff_weights(base_dir: str | Path, merged_dir: str | Path, *, adapter_dir: s
     return WeightDiff(
         base=str(base_dir), merged=str(merged_dir),
         adapter=str(adapter.path) if adapter is not None else None,
-        target_modules=list(target_modules) if isinstance(target_modules, (list, tuple)) else target_modules,
+        target_modules=(list(target_modules) if isinstance(target_modules, (list, tuple, set)) else target_modules)
+        if target_modules is not None else _adapter_targets(adapter),
         adapter_rank=adapter_rank,
         num_tensors=len(tensors),
         num_changed=sum(t.changed for t in tensors),

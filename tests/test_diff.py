@@ -11,7 +11,7 @@ import torch
 from conftest import save_tiny, tiny_tokenizer
 from profiler import AttnprofError, assert_profile_close, diff_profiles, load_diff, load_profile
 from profiler.cli import main
-from profiler.diff import gate, js_divergence
+from profiler.diff import HeadDiff, gate, js_divergence, verdict_uncertainty
 from profiler.rules import GateThresholds
 
 FAST = ["--length", "128", "--num", "4", "--probes", "random", "--no-report", "--quiet"]
@@ -230,3 +230,25 @@ def test_adapter_merged_into_a_4bit_base(tiny_dir, tmp_path, capsys):
     flags = json.loads((out / "diff.json").read_text())["flags"]
     # NF4 codes against fp32 floats would flag a clean LoRA everywhere: the weight diff says why it is absent
     assert [f["code"] for f in flags] == ["weights_not_diffed"] and "4-/8-bit base" in flags[0]["message"]
+
+
+def _head(ci: tuple[float, float], dgamma: float) -> HeadDiff:
+    """A HeadDiff with a given paired CI, shifted by the rule of diff_profiles."""
+    shifted = (ci[0] > 0 or ci[1] < 0) and abs(dgamma) >= 0.05
+    return HeadDiff(0, 0, 1.0, 1.0 + dgamma, dgamma, ci, 0.0, 0.0, shifted, "critical", "critical")
+
+
+def test_verdict_uncertainty_reads_the_ci_ends():
+    """Hand-built CIs: the count of shifted heads at the CIs' ends, and whether the gate's decision
+    there differs (borderline) — for the shifted-heads and the model-level thresholds."""
+    gate = GateThresholds()                                              # 0.05, 10 %, 10 %
+    still = [_head((-0.01, 0.01), 0.0)] * 16
+    sure, reaching_in, maybe = _head((0.06, 0.09), 0.07), _head((0.01, 0.09), 0.06), _head((0.01, 0.07), 0.04)
+    heads = [sure, reaching_in, reaching_in, maybe] + still                # 3 of 20 shifted: 15 % > 10 %
+    assert sum(h.shifted for h in heads) == 3
+    assert verdict_uncertainty(heads, (-0.01, 0.01), 0.0, gate) == ((1, 4), True)      # 5 % … 20 %
+    firm = [sure] * 10 + still[:10]                                        # 50 % beyond doubt
+    assert verdict_uncertainty(firm, (-0.01, 0.01), 0.0, gate) == ((10, 10), False)
+    assert verdict_uncertainty(still, (-0.01, 0.01), 0.0, gate) == ((0, 0), False)   # a firm pass
+    assert verdict_uncertainty(still, (0.03, 0.08), 0.0, gate) == ((0, 0), True)     # model CI straddles 0.05
+    assert verdict_uncertainty(still, (0.03, 0.08), 0.5, gate) == ((0, 0), False)    # flips decide anyway
