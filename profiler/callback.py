@@ -2,10 +2,12 @@
 base at chosen steps, logs the numbers, and stops training when the gate fails."""
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 from .diff import ProfileDiff, diff_profiles
+from .errors import AttnprofError
 from .profiles import Profile
 from .rules import GateThresholds
 from .run import ProfileOptions, profile_model_object
@@ -27,6 +29,11 @@ class ProfileGateConfig:
     thresholds: GateThresholds = field(default_factory=GateThresholds)
     stop_on_regression: bool = True
 
+    def __post_init__(self) -> None:
+        if self.every_steps < 1 or self.num < 1 or self.length < 2:
+            raise AttnprofError(f"ProfileGateConfig: every_steps, num (≥ 1) and length (≥ 2) must be positive, "
+                                f"got every_steps={self.every_steps}, num={self.num}, length={self.length}")
+
 
 class AttentionProfileCallback(TrainerCallback):
     """Profile the model being trained every `every_steps` steps against the base profile taken at
@@ -40,6 +47,13 @@ class AttentionProfileCallback(TrainerCallback):
         self.config = config or ProfileGateConfig()
         self.base: Profile | None = None
         self.history: list[tuple[int, ProfileDiff]] = []
+        self.stopped_at: int | None = None       # the step at which the gate stopped training
+
+    @property
+    def regressed(self) -> bool:
+        """True when any check failed the gate: a pipeline's test after `trainer.train()`, which
+        returns normally when a callback stops training."""
+        return any(result.verdict != "pass" for _, result in self.history)
 
     def _profile(self, model) -> Profile:
         c = self.config
@@ -60,6 +74,10 @@ class AttentionProfileCallback(TrainerCallback):
                                   "attnprof/shifted_fraction": result.shifted_fraction,
                                   "attnprof/regime_flip_fraction": result.regime_flip_fraction,
                                   "attnprof/verdict": result.verdict})
-        if result.verdict != "pass" and self.config.stop_on_regression:
-            control.should_training_stop = True
+        if result.verdict != "pass":
+            warnings.warn(f"attention profile regression at step {state.global_step}: {'; '.join(result.reasons)}"
+                          + (" — stopping training" if self.config.stop_on_regression else ""))
+            if self.config.stop_on_regression:
+                control.should_training_stop = True
+                self.stopped_at = state.global_step
         return control

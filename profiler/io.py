@@ -3,6 +3,7 @@ so a failure never leaves a half-written run behind."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
@@ -11,7 +12,8 @@ from typing import Iterator
 
 from .errors import AttnprofError
 
-RUN_MARKER = "run.json"          # what makes a directory an attnprof run that a new run may replace
+RUN_MARKER = "run.json"
+SWAP_ATTEMPTS = 5                # renames tried when another process swaps the same target          # what makes a directory an attnprof run that a new run may replace
 
 
 def check_run_dir(target: str | os.PathLike) -> Path:
@@ -46,10 +48,21 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     try:
         os.chmod(tmp, 0o755)
         yield tmp
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-        os.replace(tmp, target)
+        for attempt in range(SWAP_ATTEMPTS):
+            if target.exists() and old is None:
+                old = target.with_name(f".{target.name}.old-{os.getpid()}")
+                os.replace(target, old)
+            try:
+                os.replace(tmp, target)
+                break
+            except OSError as exc:
+                # another process put its run in place between our two renames: it goes too,
+                # the last run to finish wins, as if they had run one after the other
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST) or attempt == SWAP_ATTEMPTS - 1:
+                    raise
+                if old is not None:
+                    shutil.rmtree(old, ignore_errors=True)
+                    old = None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None and not target.exists():

@@ -5,11 +5,12 @@ merged on identical token ids. Models are loaded one at a time and released befo
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import sys
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -46,22 +47,56 @@ class ProfileOptions:
                     load_in_8bit=self.load_in_8bit, device_map=self.device_map)
 
 
+QUIET_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
+QUIET_LOGGERS = ("bitsandbytes", "peft", "accelerate")
+
+
 def quiet_libraries() -> None:
     """Silence transformers' progress bars and advice, and peft/bitsandbytes/accelerate chatter,
-    so only attnprof's own messages reach the terminal (the CLI always does this; the API does it
-    when quiet=True). Also forces offline mode for the hub: attnprof never downloads."""
+    so only attnprof's own messages reach the terminal, and force offline mode for the hub
+    (attnprof never downloads). For the CLI's whole process; the API uses `quieted`."""
     import logging
     import os
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
     from transformers.utils import logging as hf_logging
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    for name in ("bitsandbytes", "peft", "accelerate"):
+    for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     warnings.filterwarnings("ignore", category=UserWarning, module="peft")
+
+
+@contextlib.contextmanager
+def quieted(quiet: bool = True) -> Iterator[None]:
+    """`quiet_libraries` for the length of one API call: the caller's environment, log levels,
+    progress bars and warning filters are as they were afterwards."""
+    if not quiet:
+        yield
+        return
+    import logging
+    import os
+
+    from transformers.utils import logging as hf_logging
+    env = {key: os.environ.get(key) for key in QUIET_ENV}
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    levels = {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
+    with warnings.catch_warnings():
+        quiet_libraries()
+        try:
+            yield
+        finally:
+            for key, value in env.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+            hf_logging.set_verbosity(verbosity)
+            (hf_logging.enable_progress_bar if bars else hf_logging.disable_progress_bar)()
+            for name, level in levels.items():
+                logging.getLogger(name).setLevel(level)
 
 
 MIN_PROBES_FOR_CI = 4
@@ -180,29 +215,37 @@ def profile(model: Any, tokenizer: Any = None, **kwargs: Any) -> Profile:
     >>> p.to_frame().groupby("regime").gamma.describe()      # doctest: +SKIP
     """
     options = ProfileOptions(**kwargs)
-    if options.quiet:
-        quiet_libraries()
-    cap.register()
-    if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
-        loaded = load_model(str(model), attn_implementation=cap.ATTN_NAME, **options.load_kwargs())
-        try:
-            probes = make_probes(loaded.tokenizer, options, loaded.info.max_positions)
-            return capture_loaded(loaded, probes, options)
-        finally:
-            release(loaded)
-    return profile_model_object(model, tokenizer, options)
+    with quieted(options.quiet):
+        cap.register()
+        if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
+            loaded = load_model(str(model), attn_implementation=cap.ATTN_NAME, **options.load_kwargs())
+            try:
+                probes = make_probes(loaded.tokenizer, options, loaded.info.max_positions)
+                return capture_loaded(loaded, probes, options)
+            finally:
+                release(loaded)
+        return profile_model_object(model, tokenizer, options)
 
 
 def profile_model_object(model: Any, tokenizer: Any, options: ProfileOptions) -> Profile:
-    """Profile an in-memory transformers model, restoring its attention implementation after."""
+    """Profile an in-memory transformers model as it is (device, dtype, quantisation), restoring
+    its attention implementation and every module's train/eval mode after."""
     from .load import ModelSource, model_info
     if tokenizer is None:
         raise AttnprofError("profiling a model object needs its tokenizer: profile(model, tokenizer)")
+    defaults = ProfileOptions()
+    moved = [f for f in ("device", "dtype", "load_in_4bit", "load_in_8bit", "device_map")
+             if getattr(options, f) != getattr(defaults, f)]
+    if moved:
+        raise AttnprofError(f"{', '.join(moved)}: loading options, for models attnprof loads; a model object is "
+                            "profiled where and as it is (move or quantise it first)")
+    cap.register()
     previous = model.config._attn_implementation
     name = str(getattr(model.config, "name_or_path", "") or type(model).__name__).rstrip("/").split("/")[-1]
-    info = model_info(model.config, name, "in-memory model", str(next(model.parameters()).dtype))
+    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+    info = model_info(model.config, name, "in-memory model", dtype)
     loaded = LoadedModel(model, tokenizer, info, ModelSource("object", None, name, name))  # type: ignore[arg-type]
-    was_training = model.training
+    modes = [(module, module.training) for module in model.modules()]
     model.eval()
     model.set_attn_implementation(cap.ATTN_NAME)
     try:
@@ -210,7 +253,8 @@ def profile_model_object(model: Any, tokenizer: Any, options: ProfileOptions) ->
         return capture_loaded(loaded, probes, options)
     finally:
         model.set_attn_implementation(previous)
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training
 
 
 # --- base vs merged ---------------------------------------------------------------------------
@@ -254,6 +298,15 @@ def compare(base: str, merged: str, options: ProfileOptions | None = None,
     `target_modules` / `adapter_rank` tell the weight diff what a merged checkpoint's adapter
     was (an adapter directory says so itself).
     """
+    options = options or ProfileOptions()
+    with quieted(options.quiet):
+        return _compare(base, merged, options, thresholds, merged_options, workdir, with_weights,
+                        base_profile, target_modules, adapter_rank)
+
+
+def _compare(base: str, merged: str, options: ProfileOptions, thresholds: Any,
+             merged_options: ProfileOptions | None, workdir: Any, with_weights: bool,
+             base_profile: Profile | None, target_modules: Any, adapter_rank: int | None) -> Comparison:
     from pathlib import Path
 
     from .diff import diff_profiles
@@ -262,11 +315,8 @@ def compare(base: str, merged: str, options: ProfileOptions | None = None,
     from .rules import GateThresholds
     from .sources import resolve_source
 
-    options = options or ProfileOptions()
     merged_options = merged_options or options
     thresholds = thresholds or GateThresholds()
-    if options.quiet:
-        quiet_libraries()
     cap.register()
     base_source, merged_source = resolve_source(base), resolve_source(merged)
     if base_source.kind == "adapter":

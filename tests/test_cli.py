@@ -241,6 +241,31 @@ def test_a_target_list_with_one_unknown_name_warns(tiny_dir, tmp_path, capsys):
     assert code == 0 and "attnprof: warning: target modules v_porj name no weight" in err
 
 
+def test_a_run_that_lands_between_our_renames_is_replaced_too(tmp_path, monkeypatch):
+    """Two processes writing the same --out: when the other one's run lands between our two
+    renames, ours replaces it as well (the last to finish wins), with nothing left behind."""
+    import errno
+    import os
+
+    from profiler import io
+    target = tmp_path / "run"
+    real_replace = os.replace
+    raced = []
+
+    def racing(src, dst):
+        if ".tmp-" in str(src) and not raced:             # the other process is quicker, once
+            raced.append(1)
+            (target / "run.json").parent.mkdir()
+            (target / "run.json").write_text("theirs")
+            raise OSError(errno.ENOTEMPTY, "Directory not empty")
+        real_replace(src, dst)
+    monkeypatch.setattr(io.os, "replace", racing)
+    with io.atomic_dir(target) as tmp:
+        (tmp / "run.json").write_text("ours")
+    assert raced and (target / "run.json").read_text() == "ours"
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
+
+
 def test_write_run_returns_the_run_directory(tiny_dir, tmp_path, monkeypatch, capsys):
     """The Python API's write_run gives back the directory it wrote (a Path, relative paths taken
     from the current directory), which the notebook goes on to read; the CLI prints the path as given."""

@@ -189,11 +189,38 @@ def test_trainer_callback_stops_a_run_that_breaks_attention(tiny_dir, tmp_path):
                              learning_rate=0.5, report_to=[], save_strategy="no", logging_steps=100,
                              use_cpu=True, disable_tqdm=True)
     trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[callback])
-    trainer.train()
+    with pytest.warns(UserWarning, match="attention profile regression at step"):
+        trainer.train()                                           # returns normally, as Trainer does
     assert callback.history, "the callback never profiled"
-    assert callback.history[-1][1].verdict == "regression"
-    assert trainer.state.global_step < 20                         # training was stopped early
+    assert callback.history[-1][1].verdict == "regression" and callback.regressed
+    assert callback.stopped_at == trainer.state.global_step < 20  # training was stopped early
     assert model.config._attn_implementation != "attnprof"          # the model was restored
+    with pytest.raises(AttnprofError, match="every_steps"):
+        ProfileGateConfig(every_steps=0)
+
+
+def test_profiling_a_model_object_leaves_it_and_the_process_as_they_were(tiny_dir, monkeypatch):
+    """profile(model, tokenizer) from a notebook or a training script: every module's train/eval
+    mode, the attention implementation, the environment and transformers' log level come back;
+    loading options, which cannot apply to a model object, are refused rather than ignored."""
+    import os
+
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    import profiler
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir).train()
+    model.model.layers[0].eval()
+    modes = [m.training for m in model.modules()]
+    verbosity = hf_logging.get_verbosity()
+    p = profiler.profile(model, tiny_tokenizer(300), length=64, num=4, probes="random")
+    assert p.model["dtype"] == "float32" and len(p.heads) == 8
+    assert [m.training for m in model.modules()] == modes and not model.model.layers[0].training
+    assert model.config._attn_implementation != "attnprof"
+    assert "HF_HUB_OFFLINE" not in os.environ and hf_logging.get_verbosity() == verbosity
+    with pytest.raises(AttnprofError, match="device, dtype: loading options"):
+        profiler.profile(model, tiny_tokenizer(300), length=64, num=4, device="cuda", dtype="bfloat16")
 
 
 def test_quantisation_alone_recipe_loads_merged_in_4bit(tiny_dir, tmp_path, capsys):
