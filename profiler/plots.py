@@ -37,6 +37,10 @@ STYLE: dict[str, Any] = {
 }
 MODEL_COLORS = {"base": "#1f5fa8", "merged": "#d9661f", "model": "#1f5fa8"}
 FIT_COLORS = {"base": "#0a2c55", "merged": "#7a3000", "model": "#0a2c55"}
+# base drawn wide underneath, merged narrow on top, fits in two dash patterns: when a fine-tune
+# barely moves the curves, both stay visible
+LINE_WIDTHS = {"base": 2.6, "merged": 1.0, "model": 1.3}
+FIT_DASHES = {"base": "--", "merged": "-.", "model": "--"}
 REGIME_COLORS = {
     "sink": "#6b3d1e", "local": "#f0a23b", "irregular": "#b7a6d6", "flat": "#cfcfcf",
     "long-range": "#2f6db5", "critical": "#2e9b57", "short-range": "#d2473a",
@@ -406,13 +410,13 @@ def plot_model_decay(profiles: Mapping[str, tuple[Any, ...]]) -> Figure:
             lo, hi = np.percentile(per_probe, [10, 90], axis=0)
             ax.fill_between(d, lo, hi, color=color, alpha=0.18, linewidth=0,
                             label=f"{role}: probe spread (10–90 %)")
-        ax.plot(d, mean, color=color, linewidth=1.3, label=f"{role}: mean A(d) — {name}",
+        ax.plot(d, mean, color=color, linewidth=LINE_WIDTHS.get(role, 1.3), label=f"{role}: mean A(d) — {name}",
                 **_line_style(d.size))
         fit = pj.get("fit", {})
         d0 = _num(fit.get("d_min", d[0] if d.size else 1))
         d1 = _num(fit.get("d_max", d[-1] if d.size else 2))
         gamma, icpt = _num(ml.get("gamma")), _num(ml.get("intercept"))
-        _power_line(ax, d0, d1, gamma, icpt, color=FIT_COLORS.get(role, color), linestyle="--",
+        _power_line(ax, d0, d1, gamma, icpt, color=FIT_COLORS.get(role, color), linestyle=FIT_DASHES.get(role, "--"),
                     linewidth=2, zorder=3,
                     label=f"{role}: fit γ = {gamma:.3f}{_fmt_ci(ml.get('gamma_ci'))}")
         pade = _num(ml.get("gamma_pade"))
@@ -482,14 +486,14 @@ def plot_top_shifted(diff_json: Mapping[str, Any], base_A: np.ndarray, merged_A:
         layer, head = h["layer"], h["head"]
         for role, curves in (("base", base_m), ("merged", merged_m)):
             y = curves[layer, head][keep]
-            handles[role] = ax.plot(d_all[keep], y, color=MODEL_COLORS[role], linewidth=1.0,
+            handles[role] = ax.plot(d_all[keep], y, color=MODEL_COLORS[role], linewidth=0.75 * LINE_WIDTHS[role],
                                     alpha=0.85, **_line_style(y.size))[0]
             hf = fits[role][0].get((layer, head)) if role in fits else None
             if hf is not None:
                 fit = fits[role][1]
                 _power_line(ax, _num(fit.get("d_min", 1)), _num(fit.get("d_max", d_all[-1])),
                             _num(hf.get("gamma")), _num(hf.get("intercept")),
-                            color=FIT_COLORS[role], linestyle="--", linewidth=1.5, zorder=3)
+                            color=FIT_COLORS[role], linestyle=FIT_DASHES[role], linewidth=1.5, zorder=3)
                 handles[f"{role} fit"] = ax.get_lines()[-1]
         ax.set_xscale("log")
         ax.set_yscale("log")

@@ -253,6 +253,8 @@ def _fmt(value: Any, digits: int = 3, signed: bool = False) -> str:
     x = _num(value)
     if not math.isfinite(x):
         return "—"
+    if round(x, digits) == 0:
+        x = 0.0                                 # no "-0.000"
     return f"{x:+.{digits}f}" if signed else f"{x:.{digits}f}"
 
 
@@ -261,7 +263,7 @@ def _fmt_ci(ci: Any, digits: int = 3) -> str:
         return "—"
     if not all(math.isfinite(_num(v)) for v in ci):
         return "—"
-    return f"[{_num(ci[0]):.{digits}f}, {_num(ci[1]):.{digits}f}]"
+    return f"[{_fmt(ci[0], digits)}, {_fmt(ci[1], digits)}]"
 
 
 def _pct(value: Any) -> str:
@@ -350,7 +352,7 @@ def _banner_pair(data: RunData) -> str:
     mdg = _num(diff.get("model_dgamma"))
     shifted, flips = diff.get("shifted_heads"), diff.get("regime_flips")
     rows = [
-        ("model Δγ", f"{_fmt(mdg, signed=True)} {_fmt_ci(diff.get('model_dgamma_ci'))}",
+        ("model Δγ (paired 95 % CI)", f"{_fmt(mdg, signed=True)} {_fmt_ci(diff.get('model_dgamma_ci'))}",
          f"|Δγ| ≤ {_num(th['max_model_dgamma']):g}",
          _check(math.isfinite(mdg) and abs(mdg) > _num(th["max_model_dgamma"]))),
         ("shifted heads", f"{shifted} of {n} ({_pct(diff.get('shifted_fraction'))}){_shifted_range(diff, ', ')}",
@@ -577,7 +579,8 @@ def _footer(data: RunData) -> str:
 def _model_line(model: Mapping[str, Any], name: str) -> str:
     """Name, source and the loading details that change numbers (dtype, quantisation)."""
     parts = [name, str(model.get("source") or "")]
-    parts += [f"{k} {model[k]}" for k in ("architecture", "dtype", "quantization", "sliding_window")
+    label = {"dtype": "loaded as"}             # the load dtype, which may differ from the checkpoint's
+    parts += [f"{label.get(k, k)} {model[k]}" for k in ("architecture", "dtype", "quantization", "sliding_window")
               if model.get(k) not in (None, "")]
     return " — ".join(p for p in parts if p)
 
