@@ -175,10 +175,11 @@ def run_demo(out: Path, quick: bool = False, quiet: bool = False) -> int:
                        f"--num {settings.num}" + (f" --targets {','.join(LORA_TARGETS)} --adapter-rank "
                                                   f"{LORA_RANK}" if lora else ""))
             run.write_run(out / label, command=command, comparison=result, seed=0)
-        verdicts[label] = result.diff.verdict
+        verdicts[label] = result.diff.verdict + (" (borderline)" if result.diff.borderline else "")
         _log(diff_summary(result.diff), quiet)
         _log(f"  report: {out / label / 'index.html'}", quiet)
-    expected = verdicts == {"demo-trained-lora": "pass", "demo-sharpening-adapter": "regression"}
+    expected = {k: v.split()[0] for k, v in verdicts.items()} == {"demo-trained-lora": "pass",
+                                                                   "demo-sharpening-adapter": "regression"}
     _log(f"demo finished in {time.time() - t0:.0f} s: trained LoRA {verdicts['demo-trained-lora']}, "
          f"sharpening adapter {verdicts['demo-sharpening-adapter']}"
          + ("" if expected else " — not the expected pass/regression pair; the reports show which "
