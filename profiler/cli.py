@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="re-render the HTML/PNG report of a stored run")
     r.add_argument("run_dir", metavar="RUN_DIR")
     d = sub.add_parser("demo", help="build the demo fine-tunes and run base vs each")
-    d.add_argument("--quick", action="store_true", help="fewer training steps and probes (≤ 3 minutes)")
+    d.add_argument("--quick", action="store_true", help="smaller training batches, shorter and fewer probes (≤ 3 minutes)")
     d.add_argument("--out", default="reports", metavar="DIR", help="where the demo runs go (default reports/)")
     d.add_argument("--quiet", action="store_true")
     return parser

@@ -208,7 +208,8 @@ def terminal_summary(profile: Profile) -> str:
         lines.append(f"  closed-form RoPE gamma_Pade {m.gamma_pade:.3f} (relative gap "
                      f"{m.pade_relative_error:.0%}){note}")
     lines.append("  regimes: " + ", ".join(f"{k} {v}" for k, v in profile.regime_counts().items() if v))
-    fitted = [h for h in profile.heads if h.regime not in ("sink", "local", "irregular")]
+    # flat heads (γ < 0.2, negative γ: attention that grows with distance) are not long-range
+    fitted = [h for h in profile.heads if h.regime not in ("sink", "local", "irregular", "flat")]
     if fitted:
         ordered = sorted(fitted, key=lambda h: h.gamma)
         fmt = lambda hs: ", ".join(f"L{h.layer}H{h.head} γ={h.gamma:.2f}" for h in hs)

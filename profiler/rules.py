@@ -2,7 +2,7 @@
 
 The regime table is read top to bottom; the first rule whose condition holds names the head.
 Gate thresholds are the defaults of the CLI flags `--max-model-dgamma`, `--max-shifted-heads`
-and `--max-regime-flips` (see DESIGN.md §6 and the README).
+and `--max-regime-flips` (see the README's statistics section).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ FIT_D_MIN = 16              # first distance of the fit range
 # keys 0..FIT_SINK_MARGIN-1 never enter it (their mass is reported as sink mass instead).
 FIT_SINK_MARGIN = 8
 FIT_MIN_BINS = 4            # fewer distance bins (or TAF points) than this: the fit is flagged as coarse
-FIT_BINS_PER_OCTAVE = 4     # log-spaced bins between FIT_D_MIN and d_max = T - W
+FIT_BINS_PER_OCTAVE = 4     # log-spaced bins between FIT_D_MIN and d_max = T - W - FIT_SINK_MARGIN
 BOOTSTRAP_SAMPLES = 200     # percentile bootstrap over probes
 CI_LEVEL = 0.95
 PROFILE_FLOOR = 1e-30       # A(d) below this is treated as this (log of 0 is undefined)

@@ -288,7 +288,7 @@ def compare(base: str, merged: str, options: ProfileOptions | None = None,
             thresholds: Any = None, merged_options: ProfileOptions | None = None,
             workdir: Any = None, with_weights: bool = True,
             base_profile: Profile | None = None, target_modules: Any = None,
-            adapter_rank: int | None = None) -> Comparison:
+            adapter_rank: int | None = None, **option_fields: Any) -> Comparison:
     """Profile BASE and MERGED on identical token ids, diff profiles and weights, give a verdict.
 
     MERGED may be a PEFT adapter directory: it is merged onto BASE with peft (and, for the weight
@@ -296,9 +296,12 @@ def compare(base: str, merged: str, options: ProfileOptions | None = None,
     in 4-bit to see what quantisation alone does); by default both sides use `options`.
     `base_profile`, from an earlier compare() with the same options, skips re-profiling BASE.
     `target_modules` / `adapter_rank` tell the weight diff what a merged checkpoint's adapter
-    was (an adapter directory says so itself).
+    was (an adapter directory says so itself). Keyword arguments are ProfileOptions fields (as for
+    `profile`), when no `options` are given.
     """
-    options = options or ProfileOptions()
+    if options is not None and option_fields:
+        raise AttnprofError("compare(): give ProfileOptions or its fields as keywords, not both")
+    options = options or ProfileOptions(**option_fields)
     with quieted(options.quiet):
         return _compare(base, merged, options, thresholds, merged_options, workdir, with_weights,
                         base_profile, target_modules, adapter_rank)

@@ -279,3 +279,14 @@ def test_verdict_uncertainty_reads_the_ci_ends():
     assert verdict_uncertainty(still, (-0.01, 0.01), 0.0, gate) == ((0, 0), False)   # a firm pass
     assert verdict_uncertainty(still, (0.03, 0.08), 0.0, gate) == ((0, 0), True)     # model CI straddles 0.05
     assert verdict_uncertainty(still, (0.03, 0.08), 0.5, gate) == ((0, 0), False)    # flips decide anyway
+
+
+def test_compare_takes_option_fields_as_keywords(tiny_dir):
+    """As the README's API block shows: compare(BASE, MERGED, length=..., num=...)."""
+    import profiler
+    from profiler.run import ProfileOptions
+    result = profiler.compare(str(tiny_dir), str(tiny_dir), length=64, num=4, probes="random", with_weights=False)
+    assert result.base.probes["length"] == 64 and result.base.curves.A.shape[0] == 4
+    assert result.diff.verdict == "pass" and result.diff.model_dgamma == 0.0     # a model against itself
+    with pytest.raises(AttnprofError, match="not both"):
+        profiler.compare(str(tiny_dir), str(tiny_dir), ProfileOptions(), num=4)
