@@ -637,7 +637,8 @@ def plot_weight_norms(diff_json: Mapping[str, Any]) -> Figure:
     ax.set_title(title)
     fig.colorbar(im, ax=ax, label="‖ΔW‖_F / ‖W‖_F", shrink=0.9, extend="min")
     if others:
-        text = ", ".join(f"{name} {_num(t.get('rel_norm')):.1e}" for name, t in others[:6])
+        text = ", ".join(f"{name} " + ("rounding only" if t.get("status") == "rounding only"
+                                       else f"{_num(t.get('rel_norm')):.1e}") for name, t in others[:6])
         fig.supxlabel(f"not in the map (no layer index): {text}", fontsize=9)
     return fig
 
