@@ -223,6 +223,10 @@ def main(argv: list[str] | None = None) -> int:
     warnings.showwarning = _warning_line
     try:
         args = build_parser().parse_args(argv)
+        if getattr(args, "quiet", False):
+            # libraries' own bars too (transformers' GGUF conversion): tqdm reads this when it is
+            # first imported, which is below
+            os.environ.setdefault("TQDM_DISABLE", "1")
         from .run import quiet_libraries
         quiet_libraries()
         handlers = {"profile": lambda: cmd_profile(args, command), "check-adapter": lambda: cmd_check_adapter(args),

@@ -233,6 +233,18 @@ def test_out_never_replaces_what_is_not_a_run(tiny_dir, tmp_path, capsys, monkey
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "notes.txt", "run"]
 
 
+def test_quiet_silences_library_progress_bars_too(tiny_dir, tmp_path):
+    """--quiet: no progress output on stderr (warnings only), libraries' own tqdm bars
+    (transformers' GGUF conversion) included; checked in a fresh process, as tqdm reads its
+    settings when first imported."""
+    script = (f"import sys; from profiler.cli import main; "
+              f"code = main(['profile', {str(tiny_dir)!r}, '--out', {str(tmp_path / 'r')!r}, *{FAST!r}]); "
+              "from tqdm.auto import tqdm; print(code, tqdm(range(1)).disable)")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.stdout.split() == ["0", "True"], proc.stderr
+    assert all(line.startswith("attnprof: warning:") for line in proc.stderr.splitlines()), proc.stderr
+
+
 def test_a_target_list_with_one_unknown_name_warns(tiny_dir, tmp_path, capsys):
     """PEFT lists may name modules of other architectures, so one unknown entry is not an error,
     but it is said (a typo would otherwise mark every change to that module as outside the targets)."""
