@@ -12,8 +12,8 @@ from typing import Iterator
 
 from .errors import AttnprofError
 
-RUN_MARKER = "run.json"
-SWAP_ATTEMPTS = 5                # renames tried when another process swaps the same target          # what makes a directory an attnprof run that a new run may replace
+RUN_MARKER = "run.json"          # what makes a directory an attnprof run that a new run may replace
+SWAP_ATTEMPTS = 5                # renames tried when another process swaps the same target
 
 
 def check_run_dir(target: str | os.PathLike) -> Path:

@@ -97,7 +97,7 @@ class GateThresholds:
                 number = math.nan if isinstance(value, (str, bytes)) else float(value)
             except (TypeError, ValueError):
                 number = math.nan
-            if not (math.isfinite(number) and 0 <= number <= (1 if fraction else number)):
+            if not math.isfinite(number) or number < 0 or (fraction and number > 1):
                 need = "a fraction in [0, 1] (0.10 = 10 % of heads)" if fraction else "a finite number ≥ 0"
                 raise AttnprofError(f"gate threshold {f.name} (--{f.name.replace('_', '-')}) is {value!r}: "
                                     f"it must be {need}")

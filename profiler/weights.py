@@ -397,10 +397,11 @@ def check_target_modules(checkpoint: str | Path, target_modules: Sequence[str] |
     if target_modules is None:
         return
     catalogue = catalogue if catalogue is not None else checkpoint_catalogue(checkpoint)
+    # one matcher per entry (a string is one entry: a regex or "all-linear")
     entries = [target_modules] if isinstance(target_modules, str) else list(target_modules)
-    unmatched = [entry for entry in entries
-                 if not any(_Targets(entry if isinstance(target_modules, str) else [entry], None)(name, len(info.shape))
-                            for name, info in catalogue.items())]
+    matchers = [(entry, _Targets(entry if isinstance(target_modules, str) else [entry], None)) for entry in entries]
+    unmatched = [entry for entry, matches in matchers
+                 if not any(matches(name, len(info.shape)) for name, info in catalogue.items())]
     if not unmatched:
         return
     leaves = sorted({_module_of(_module_of(n)[0])[1] for n in catalogue if n.endswith(".weight")})
