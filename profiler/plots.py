@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
 
 import matplotlib
 import numpy as np
+from matplotlib import patheffects
 from matplotlib.axes import Axes
 from matplotlib.colors import BoundaryNorm, ListedColormap, LogNorm, Normalize
 from matplotlib.figure import Figure
@@ -158,9 +159,11 @@ def heatmap_panel_size(L: int, H: int) -> tuple[float, float]:
 
 def _mark_cells(ax: Axes, cells: Iterable[tuple[int, int]], color: str = "black",
                 lw: float = 1.4) -> None:
+    """Outline cells; a white halo under the line keeps a black box visible on dark cells."""
+    halo = [patheffects.withStroke(linewidth=lw + 1.6, foreground="white")]
     for layer, head in cells:
         ax.add_patch(Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, edgecolor=color,
-                               linewidth=lw))
+                               linewidth=lw, path_effects=halo))
 
 
 def _annotate_cells(ax: Axes, image: Any, grid: np.ndarray, fmt: str) -> None:

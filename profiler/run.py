@@ -69,6 +69,11 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module="peft")
 
 
+# transformers' GGUF conversion draws a plain tqdm bar, which disable_progress_bar() does not
+# reach and TQDM_DISABLE reaches only before tqdm is first imported (the CLI sets it then)
+GGUF_BAR_MODULE = "transformers.modeling_gguf_pytorch_utils"
+
+
 @contextlib.contextmanager
 def quieted(quiet: bool = True) -> Iterator[None]:
     """`quiet_libraries` for the length of one API call: the caller's environment, log levels,
@@ -76,6 +81,8 @@ def quieted(quiet: bool = True) -> Iterator[None]:
     if not quiet:
         yield
         return
+    import functools
+    import importlib
     import logging
     import os
 
@@ -83,11 +90,15 @@ def quieted(quiet: bool = True) -> Iterator[None]:
     env = {key: os.environ.get(key) for key in QUIET_ENV}
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     levels = {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
+    gguf_utils = importlib.import_module(GGUF_BAR_MODULE)
+    gguf_bar = gguf_utils.tqdm
     with warnings.catch_warnings():
         quiet_libraries()
+        gguf_utils.tqdm = functools.partial(gguf_bar, disable=True)
         try:
             yield
         finally:
+            gguf_utils.tqdm = gguf_bar
             for key, value in env.items():
                 if value is None:
                     os.environ.pop(key, None)

@@ -290,3 +290,21 @@ def test_compare_takes_option_fields_as_keywords(tiny_dir):
     assert result.diff.verdict == "pass" and result.diff.model_dgamma == 0.0     # a model against itself
     with pytest.raises(AttnprofError, match="not both"):
         profiler.compare(str(tiny_dir), str(tiny_dir), ProfileOptions(), num=4)
+
+
+def test_quiet_api_calls_hide_the_gguf_conversion_bar(capfd):
+    """quiet=True in the API: transformers' GGUF conversion bar (plain tqdm, which its own
+    progress-bar switch does not reach) draws nothing during the call and is as before after it."""
+    import importlib
+
+    from profiler.run import GGUF_BAR_MODULE, quieted
+    gguf_utils = importlib.import_module(GGUF_BAR_MODULE)
+    before = gguf_utils.tqdm
+    capfd.readouterr()
+    with quieted(True):
+        for _ in gguf_utils.tqdm(range(3), desc="Converting and de-quantizing GGUF tensors..."):
+            pass
+    assert "Converting" not in capfd.readouterr().err
+    assert gguf_utils.tqdm is before
+    with quieted(False):
+        assert gguf_utils.tqdm is before
