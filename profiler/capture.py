@@ -121,19 +121,17 @@ def layer_stats(query: torch.Tensor, key: torch.Tensor, scaling: float, mask: to
     over the scores: one launch per layer given the layer's `logsumexp` (from its fused
     attention), two without. A GPU forward pass is bound by launches up to several thousand
     tokens, and the torch path takes thirty. Elsewhere, or with a mask: `tail_stats_torch` and
-    `dense_profile`. The paths agree (tests/test_dense.py, tests/test_gpu.py)."""
-    from .dense import dense_counts, dense_profile, profile_triton, triton_available
+    `dense_profile` (its torch reference, which honours the mask). The paths agree (tests/test_dense.py, tests/test_gpu.py)."""
+    from .dense import dense_profile, profile_triton, triton_available
     length = query.shape[2]
     causal = mask is None and (sliding_window is None or sliding_window >= length)
     if causal and query.is_cuda and length > 1 and triton_available():
         return _kernel_stats(*profile_triton(query, key, scaling, dense=dense, tail_window=window,
                                              sliding_window=sliding_window, logsumexp=logsumexp))
     stats = tail_stats_torch(query, key, scaling, mask, window)
-    if dense:
-        stats.A = dense_profile(query, key, scaling, sliding_window=sliding_window, logsumexp=logsumexp)
-        if sliding_window is not None and sliding_window < length:
-            unseen = dense_counts(length, sliding_window, device=stats.A.device) == 0
-            stats.A = stats.A.masked_fill(unseen, 0.0)    # beyond a sliding window: no attention
+    if dense:                       # no query sees a distance beyond a sliding window: 0 there
+        stats.A = dense_profile(query, key, scaling, sliding_window=sliding_window, logsumexp=logsumexp,
+                                mask=mask, empty=0.0)
     return stats
 
 

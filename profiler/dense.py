@@ -24,7 +24,8 @@ Three entry points, all returning a float32 (B, H, T) tensor:
 estimator (capture.py), and `profile_triton` computes both from one pass: given the layers'
 logsumexp, one kernel launch whatever T, for one layer or (capture.LayerBatch) several stacked
 as heads (a GPU forward pass is bound by launches, not arithmetic, up to several thousand tokens).
-Padding masks are not modelled: every position 0 … T−1 is a real token.
+A further mask (chunked attention, as transformers passes it to SDPA) is honoured by the torch
+reference: visibility then means what the mask allows, for n_i and c(d) alike.
 """
 import contextlib
 import dataclasses
@@ -106,25 +107,31 @@ def _finish(sums: torch.Tensor, window: int) -> torch.Tensor:
 
 
 def dense_profile_reference(query: torch.Tensor, key: torch.Tensor, scaling: float | None,
-                            sliding_window: int | None = None, chunk: int = 256) -> torch.Tensor:
+                            sliding_window: int | None = None, chunk: int = 256,
+                            mask: torch.Tensor | None = None, empty: float = math.nan) -> torch.Tensor:
     """Chunked torch implementation of the dense profile, (B, H, T) float32.
 
     Queries are processed `chunk` rows at a time against only the keys they can see, so the
     largest temporaries are (B, H, chunk, min(T, chunk + window)) fp32: never T × T.
     Scores are computed in fp32 from upcast inputs with a max-subtracted softmax.
-    Distance binning uses the skew trick: flipping the key order makes distance r + c along
-    anti-diagonals; padding each of the C rows with C zeros and re-reading the buffer with a
-    row width one shorter shifts row r right by r, so a column sum yields the per-distance sums.
+    Distance binning uses the skew trick (`_by_distance`).
+
+    `mask` (B|1, 1|H, T, ≥T), True or 0.0 where a query may see a key (as transformers passes
+    it to SDPA), hides more keys than causality and the sliding window do, e.g. chunked
+    attention: then n_i counts the row's visible keys and c(d) the visible (query, key) pairs
+    at distance d, so uniform attention still gives exactly 1.0 wherever c(d) > 0. Distances
+    with c(d) = 0 get `empty`.
     """
     window = _check_inputs(query, key, sliding_window)
     if chunk < 1:
         raise ValueError(f"chunk must be positive, got {chunk}")
     batch, heads, length, dim = query.shape
     kv_heads = key.shape[1]
-    q = query.unflatten(1, (kv_heads, heads // kv_heads))      # (B, KV, G, T, D), head = kv·G + g
+    groups = (kv_heads, heads // kv_heads)
+    q = query.unflatten(1, groups)                             # (B, KV, G, T, D), head = kv·G + g
     k = key.float().unsqueeze(2)                               # (B, KV, 1, T, D)
-    sums = torch.zeros(batch, kv_heads, heads // kv_heads, length,
-                       dtype=torch.float32, device=query.device)
+    sums = torch.zeros(batch, *groups, length, dtype=torch.float32, device=query.device)
+    counts = None if mask is None else torch.zeros_like(sums)
     for start in range(0, length, chunk):
         end = min(start + chunk, length)
         rows = end - start
@@ -135,16 +142,53 @@ def dense_profile_reference(query: torch.Tensor, key: torch.Tensor, scaling: flo
         scores.mul_(_scale(scaling, dim))
         i = torch.arange(start, end, device=query.device).unsqueeze(1)
         j = (end - 1) - torch.arange(span, device=query.device).unsqueeze(0)
-        scores.masked_fill_((j > i) | (j <= i - window), float("-inf"))
-        weights = scores.sub_(scores.amax(-1, keepdim=True)).exp_()
-        visible_keys = torch.clamp(i + 1, max=window).to(torch.float32)
+        hidden = (j > i) | (j <= i - window)
+        if mask is None:
+            visible_keys = torch.clamp(i + 1, max=window).to(torch.float32)
+        else:
+            hidden = hidden | ~_mask_block(mask, start, end, first_key, groups)
+            visible_keys = (~hidden).sum(-1, keepdim=True).to(torch.float32)
+            counts[..., :span] += _by_distance((~hidden).to(torch.float32).expand_as(scores))
+        scores.masked_fill_(hidden, float("-inf"))
+        # a row that sees no key (possible only with a mask) gets weight 0, not NaN
+        row_max = scores.amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).min)
+        weights = scores.sub_(row_max).exp_()
         # n_i / l_i as one row factor: uniform rows give exp(0) · (n / n) = 1.0 exactly.
-        weights.mul_(visible_keys / weights.sum(-1, keepdim=True))
-        # Row r, column c sits at distance d = (1 − rows) + r + c; skew so r + c is a column.
-        skewed = F.pad(weights, (0, rows)).flatten(-2)[..., : rows * (span + rows - 1)]
-        per_distance = skewed.unflatten(-1, (rows, span + rows - 1)).sum(-2)
-        sums[..., :span] += per_distance[..., rows - 1:]
-    return _finish(sums.flatten(1, 2), window)
+        weights.mul_(visible_keys / weights.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny))
+        sums[..., :span] += _by_distance(weights)
+    if counts is None:
+        return _fill_unseen(_finish(sums.flatten(1, 2), window), window, empty)
+    sums, counts = sums.flatten(1, 2), counts.flatten(1, 2)
+    return torch.where(counts > 0, sums / counts.clamp_min(1.0), empty)
+
+
+def _fill_unseen(profile: torch.Tensor, window: int, empty: float) -> torch.Tensor:
+    """Put `empty` at the distances no query sees (d ≥ sliding window), NaN by `_finish`."""
+    if math.isnan(empty) or window >= profile.shape[-1]:
+        return profile
+    return profile.masked_fill(dense_counts(profile.shape[-1], window, device=profile.device) == 0, empty)
+
+
+def _by_distance(block: torch.Tensor) -> torch.Tensor:
+    """Per-distance sums (..., span) of a (..., rows, span) block whose column c is key end − 1 − c.
+
+    Row r, column c sits at distance d = (1 − rows) + r + c. Padding each row with `rows` zeros
+    and re-reading the buffer with a row width one shorter shifts row r right by r, so a column
+    sum gives the sum along each anti-diagonal r + c; the first rows − 1 of them are the
+    negative distances (keys after the query), which hold nothing."""
+    rows, span = block.shape[-2:]
+    skewed = F.pad(block, (0, rows)).flatten(-2)[..., : rows * (span + rows - 1)]
+    return skewed.unflatten(-1, (rows, span + rows - 1)).sum(-2)[..., rows - 1:]
+
+
+def _mask_block(mask: torch.Tensor, start: int, end: int, first_key: int,
+                groups: tuple[int, int]) -> torch.Tensor:
+    """The mask's visibility (True = seen) for queries start … end − 1 and keys first_key …
+    end − 1 in the scores' flipped key order, shaped to broadcast against (B, KV, G, rows, span)."""
+    block = mask[..., start:end, first_key:end].flip(-1)
+    if block.dtype != torch.bool:                              # additive: 0 seen, very negative hidden
+        block = block > torch.finfo(block.dtype).min / 2
+    return block.unsqueeze(2) if block.shape[1] == 1 else block.unflatten(1, groups)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -415,20 +459,25 @@ def tail_profile_triton(query: torch.Tensor, key: torch.Tensor, scaling: float |
 def dense_profile(query: torch.Tensor, key: torch.Tensor, scaling: float | None,
                   sliding_window: int | None = None,
                   backend: Literal["auto", "triton", "torch"] = "auto",
-                  logsumexp: torch.Tensor | None = None) -> torch.Tensor:
+                  logsumexp: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                  empty: float = math.nan) -> torch.Tensor:
     """Dense distance profile (B, H, T) float32; see the module docstring for the definition.
 
     backend="auto" runs the Triton kernels on CUDA tensors when triton imports and the
     chunked torch reference otherwise; "triton" or "torch" force one. `logsumexp`, the
     rows' softmax normalisers from the layer's own fused attention, saves the kernels a
-    pass; the reference computes its own.
+    pass; the reference computes its own. A `mask` (see `dense_profile_reference`) takes the
+    reference, as the kernels know only causality and sliding windows. `empty`: the value at
+    distances no query sees (NaN: an empty mean; capture.py puts 0.0, no attention there).
     """
-    if backend == "torch":
-        return dense_profile_reference(query, key, scaling, sliding_window)
-    if backend == "triton":
-        return dense_profile_triton(query, key, scaling, sliding_window, logsumexp=logsumexp)
-    if backend != "auto":
+    if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    if query.is_cuda and triton_available():
-        return dense_profile_triton(query, key, scaling, sliding_window, logsumexp=logsumexp)
-    return dense_profile_reference(query, key, scaling, sliding_window)
+    if mask is not None:
+        if backend == "triton":
+            raise ValueError("the Triton kernels take no mask (causal attention and sliding windows only)")
+        return dense_profile_reference(query, key, scaling, sliding_window, mask=mask, empty=empty)
+    if backend == "triton" or backend == "auto" and query.is_cuda and triton_available():
+        window = _check_inputs(query, key, sliding_window)
+        return _fill_unseen(dense_profile_triton(query, key, scaling, sliding_window, logsumexp=logsumexp),
+                            window, empty)
+    return dense_profile_reference(query, key, scaling, sliding_window, empty=empty)

@@ -128,6 +128,50 @@ def test_dense_capture_equals_eager_weights(kind, extra):
     assert np.all(dense[..., window:] == 0.0)
 
 
+def test_dense_capture_follows_a_chunked_attention_mask():
+    """Llama 4's chunked attention (key j visible from i iff j ≤ i in the same 16-token chunk)
+    reaches the layer as a mask, not a sliding window: the dense profile must count only
+    visible pairs, D(d) = Σ n_i·P[i, i−d] / #{i : i−d visible}, and put 0 where none is."""
+    chunk, length = 16, 60
+    model = tiny_model("llama4", num_key_value_heads=2, attention_chunk_size=chunk, no_rope_layers=[1, 0])
+    assert model.config.layer_types == ["chunked_attention", "full_attention"]
+    ids = np.random.default_rng(4).integers(0, 300, size=(1, length))
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        att = model(input_ids=torch.as_tensor(ids), output_attentions=True).attentions
+    cap.register()
+    model.set_attn_implementation(cap.ATTN_NAME)
+    dense = cap.capture(model, ids, window=8, estimator="dense").A[0]
+    i, j = np.arange(length)[:, None], np.arange(length)[None, :]
+    for layer, visible in enumerate([(j <= i) & (i // chunk == j // chunk), j <= i]):
+        p = att[layer][0].double().numpy()
+        assert np.all(p[:, ~visible] == 0.0)                      # the rule above is the model's
+        n = visible.sum(-1)
+        expected = np.zeros((p.shape[0], length))
+        for d in range(length):
+            rows = np.arange(d, length)[visible[np.arange(d, length), np.arange(length - d)]]
+            if len(rows):
+                expected[:, d] = (p[:, rows, rows - d] * n[rows]).mean(-1)
+        assert np.abs(dense[layer] - expected).max() <= 1e-5
+    assert np.all(dense[0, :, chunk:] == 0.0) and np.all(dense[1, :, chunk:] > 0.0)
+
+
+def test_dense_reference_under_a_mask_is_one_for_uniform_attention():
+    """Equal logits under an arbitrary mask: 1.0 at every distance some query sees, `empty`
+    where none does, and the same profile as without the mask when it hides nothing."""
+    from profiler.dense import dense_profile
+    length, chunk = 40, 8
+    q, k = torch.zeros(1, 2, length, 4), torch.randn(1, 1, length, 4)
+    i, j = torch.arange(length)[:, None], torch.arange(length)[None, :]
+    mask = ((j <= i) & (i // chunk == j // chunk))[None, None]
+    got = dense_profile(q, k, 1.0, mask=mask, empty=-1.0)
+    assert torch.equal(got[..., :chunk], torch.ones(1, 2, chunk))
+    assert torch.equal(got[..., chunk:], torch.full((1, 2, length - chunk), -1.0))
+    q, k = torch.randn(2, 4, length, 4), torch.randn(2, 2, length, 4)
+    additive = torch.zeros(2, 1, length, length).masked_fill(j > i, torch.finfo(torch.float32).min)
+    torch.testing.assert_close(dense_profile(q, k, 0.5, mask=additive), dense_profile(q, k, 0.5))
+
+
 def test_capture_through_accelerate_offload_hooks():
     """Layers wrapped by accelerate's hooks (weights kept off the module and brought in for each
     forward, as with a device map that offloads) are captured exactly like the plain model."""
