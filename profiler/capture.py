@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -438,11 +439,25 @@ def attention_with_logsumexp(module, query: torch.Tensor, key: torch.Tensor, val
     return None
 
 
+class NotRoutable(AttnprofError):
+    """The model's attention cannot run through the "attnprof" function; `capture` then reads
+    eager attention weights instead."""
+
+
+# Attention arguments SDPA would reject (softcap) or silently drop (sinks), so the "attnprof"
+# function cannot stand in for the model's attention when they are set.
+_UNROUTABLE_KWARGS = {"softcap": "attention logit softcapping", "s_aux": "attention sinks",
+                      "sinks": "attention sinks"}
+
+
 def _attnprof_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
                         scaling: float | None = None, **kwargs):
     """The registered attention function: record statistics, then run the model's SDPA attention
     (or, on a GPU, a fused attention whose normalisers the kernels reuse)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    unroutable = sorted({what for name, what in _UNROUTABLE_KWARGS.items() if kwargs.get(name) is not None})
+    if unroutable:
+        raise NotRoutable(f"{type(module).__name__} uses {' and '.join(unroutable)}")
     if _ACTIVE:
         recorder = _ACTIVE[-1]
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
@@ -508,12 +523,14 @@ def eager_hooks(model: torch.nn.Module, recorder: Recorder) -> Iterator[Recorder
 
 @dataclass
 class Capture:
-    """Per-probe arrays of one model: A (N, L, H, M), sink/local/entropy (N, L, H)."""
+    """Per-probe arrays of one model: A (N, L, H, M), sink/local/entropy (N, L, H); `path`:
+    "stream" (attnprof's attention function) or "hooks" (eager weights, the fallback)."""
     A: np.ndarray
     sink: np.ndarray
     local: np.ndarray
     entropy: np.ndarray
     distances: np.ndarray
+    path: str = "stream"
 
 
 def _stack(recorders: list[Recorder], num_layers: int) -> dict[str, np.ndarray]:
@@ -555,18 +572,49 @@ def capture(model: torch.nn.Module, input_ids: np.ndarray, *, window: int, estim
     limit_heap_growth()
     num_layers = model.config.get_text_config().num_hidden_layers
     device = input_device(model)
-    recorders = []
-    for n in range(len(input_ids)):
-        rec = Recorder(estimator, window)
-        ids = torch.as_tensor(input_ids[n : n + 1], device=device)
-        ctx = recording(rec) if path == "stream" else eager_hooks(model, rec)
-        with ctx, torch.inference_mode():
-            model(input_ids=ids, use_cache=False, logits_to_keep=1)
-        recorders.append(rec.finish())
-        if progress:
-            progress(1)
+
+    def run(path: str) -> list[Recorder]:
+        recorders = []
+        for n in range(len(input_ids)):
+            ids = torch.as_tensor(input_ids[n : n + 1], device=device)
+            recorders.append(_record_forward(model, ids, Recorder(estimator, window), path))
+            if progress:
+                progress(1)
+        return recorders
+
+    recorders, path = _with_fallback(model, path, estimator, run)
     arrays = _stack(recorders, num_layers)
-    return Capture(distances=np.arange(arrays["A"].shape[-1]), **arrays)
+    return Capture(distances=np.arange(arrays["A"].shape[-1]), path=path, **arrays)
+
+
+def _record_forward(model: torch.nn.Module, ids: torch.Tensor, rec: Recorder, path: str) -> Recorder:
+    """One forward pass with `rec` recording every attention layer, through `path`."""
+    ctx = recording(rec) if path == "stream" else eager_hooks(model, rec)
+    with ctx, torch.inference_mode():
+        model(input_ids=ids, use_cache=False, logits_to_keep=1)
+    if path == "stream" and not rec.layers:
+        raise NotRoutable(f"{type(model).__name__} computes its attention without transformers' attention "
+                          "functions")
+    return rec.finish()
+
+
+def _with_fallback(model: torch.nn.Module, path: str, estimator: str, run: Callable[[str], list]
+                   ) -> tuple[list, str]:
+    """(`run(path)`, path); where the model's attention cannot go through the "attnprof" function
+    (softcapping, attention sinks, attention computed in place such as ALiBi's), switch the model to
+    eager attention and run again through hooks on it, which read the weights it returns."""
+    try:
+        return run(path), path
+    except NotRoutable as exc:
+        if path != "stream":
+            raise
+        if estimator == "dense":
+            raise AttnprofError(f"{exc}: the dense estimator needs attnprof's attention function, "
+                                "which cannot stand in for it; use --estimator tail") from None
+        warnings.warn(f"{exc}: attnprof's attention function cannot stand in for that, so the "
+                      "capture reads eager attention weights (memory grows as T² per layer)")
+        model.set_attn_implementation("eager")
+        return run("hooks"), "hooks"
 
 
 TAF_DISTANCES = (10, 20, 30, 50, 100, 200, 500, 1000, 2000)
@@ -593,20 +641,21 @@ def capture_taf(model: torch.nn.Module, input_ids: np.ndarray, *,
     limit_heap_growth()
     num_layers = model.config.get_text_config().num_hidden_layers
     device = input_device(model)
-    per_probe = {f: [] for f in STAT_FIELDS}
-    for row in input_ids:
-        columns, last = [], None
-        for d in usable:
-            rec = Recorder("tail", window=1)
-            ids = torch.as_tensor(row[None, : d + TAF_PREFIX], device=device)
-            with recording(rec), torch.inference_mode():
-                model(input_ids=ids, use_cache=False, logits_to_keep=1)
-            stacked = _stack([rec.finish()], num_layers)
-            columns.append(stacked["A"][..., d])
-            last = stacked
-            if progress:
-                progress(1)
-        per_probe["A"].append(np.stack(columns, axis=-1))
-        for f in STAT_FIELDS[1:]:          # from the longest prompt
-            per_probe[f].append(last[f])
-    return Capture(distances=np.asarray(usable), **{f: np.concatenate(v) for f, v in per_probe.items()})
+
+    def run(path: str) -> list[dict[str, list[np.ndarray]]]:
+        per_probe = {f: [] for f in STAT_FIELDS}
+        for row in input_ids:
+            columns, last = [], None
+            for d in usable:
+                ids = torch.as_tensor(row[None, : d + TAF_PREFIX], device=device)
+                last = _stack([_record_forward(model, ids, Recorder("tail", window=1), path)], num_layers)
+                columns.append(last["A"][..., d])
+                if progress:
+                    progress(1)
+            per_probe["A"].append(np.stack(columns, axis=-1))
+            for f in STAT_FIELDS[1:]:          # from the longest prompt
+                per_probe[f].append(last[f])
+        return [per_probe]
+
+    runs, path = _with_fallback(model, "stream", "taf", run)
+    return Capture(distances=np.asarray(usable), path=path, **{f: np.concatenate(v) for f, v in runs[0].items()})

@@ -194,7 +194,8 @@ def capture_loaded(loaded: LoadedModel, probes: ProbeSet, options: ProfileOption
     close()
     model_dict = dict(vars(info))
     probes_dict = {**probes.describe(), "window": window,
-                   "estimator": options.estimator, "fingerprint": fingerprint(probes.input_ids)}
+                   "estimator": options.estimator, "fingerprint": fingerprint(probes.input_ids),
+                   "capture": "eager weights" if curves.path == "hooks" else "streamed"}
     if options.estimator == "taf":
         setup = FitSetup.points(cap.taf_fit_distances(curves.distances), probes.num, options.seed)
     else:

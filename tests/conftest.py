@@ -12,14 +12,17 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 def tiny_config(kind: str = "llama", **overrides):
     """A small random-weight decoder config; GQA when num_key_value_heads < num_attention_heads."""
-    from transformers import Llama4TextConfig, LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import Gemma2Config, Llama4TextConfig, LlamaConfig, MistralConfig, Qwen2Config
     base = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
                 rope_theta=10000.0, tie_word_embeddings=False)
     if kind == "llama4":       # chunked attention on RoPE layers; small experts
         base.update(head_dim=16, intermediate_size_mlp=128, num_local_experts=2, num_experts_per_tok=1)
+    if kind == "gemma2":       # attention logit softcapping (50 by default), sliding layers
+        base.update(head_dim=16, sliding_window=32)
     base.update(overrides)
-    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "llama4": Llama4TextConfig}[kind]
+    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "llama4": Llama4TextConfig,
+           "gemma2": Gemma2Config}[kind]
     return cls(**base)
 
 

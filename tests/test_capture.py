@@ -172,6 +172,47 @@ def test_dense_reference_under_a_mask_is_one_for_uniform_attention():
     torch.testing.assert_close(dense_profile(q, k, 0.5, mask=additive), dense_profile(q, k, 0.5))
 
 
+FALLBACK_MODELS = {   # attention the "attnprof" function cannot stand in for, and why
+    "gemma2-softcap": ("Gemma2Config", dict(head_dim=16, sliding_window=16, attn_logit_softcapping=5.0)),
+    "gpt-oss-sinks": ("GptOssConfig", dict(head_dim=16, sliding_window=16, num_local_experts=2,
+                                           num_experts_per_tok=1)),
+    "bloom-alibi": ("BloomConfig", dict(n_layer=2, n_head=4)),
+}
+
+
+@pytest.mark.parametrize("name", FALLBACK_MODELS)
+def test_unroutable_attention_falls_back_to_eager_weights(name):
+    """Softcapping (SDPA refuses it), attention sinks (SDPA would drop them: another model) and
+    attention computed in place (ALiBi): the capture says so, reads eager weights instead and
+    equals them; the dense estimator, which needs queries and keys, is refused."""
+    import transformers
+
+    from profiler.errors import AttnprofError
+    cls, extra = FALLBACK_MODELS[name]
+    config = getattr(transformers, cls)(vocab_size=300, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                        tie_word_embeddings=False, **extra)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    with torch.no_grad():
+        for param_name, param in model.named_parameters():
+            if param_name.endswith("sinks"):
+                param.fill_(2.0)                     # a sink logit SDPA would silently leave out
+            elif param_name.endswith(("q_proj.weight", "k_proj.weight", "query_key_value.weight")):
+                param.mul_(4.0)
+    ids = np.random.default_rng(5).integers(0, 300, size=(2, 48))
+    oracle, oracle_sink = eager_oracle(model, ids, 6)
+    cap.register()
+    model.set_attn_implementation(cap.ATTN_NAME)
+    with pytest.warns(UserWarning, match="reads eager attention weights"):
+        got = cap.capture(model, ids, window=6)
+    assert got.path == "hooks" and model.config._attn_implementation == "eager"
+    assert np.abs(got.A - oracle).max() <= 1e-5 and np.abs(got.sink - oracle_sink).max() <= 1e-5
+    model.set_attn_implementation(cap.ATTN_NAME)
+    with pytest.raises(AttnprofError, match="use --estimator tail"):
+        cap.capture(model, ids, window=6, estimator="dense")
+
+
 def test_capture_through_accelerate_offload_hooks():
     """Layers wrapped by accelerate's hooks (weights kept off the module and brought in for each
     forward, as with a device map that offloads) are captured exactly like the plain model."""

@@ -81,6 +81,19 @@ def one_error_line(code, err):
     return lines[0]
 
 
+def test_softcapped_model_is_profiled_from_eager_weights(tmp_path, capsys):
+    """Gemma 2 softcaps its logits, which SDPA refuses: the run says it reads eager weights
+    instead and records it; the dense estimator is refused in one line."""
+    model = save_tiny(tmp_path / "gemma2", "gemma2", attn_implementation="eager")
+    code, _, err = run_cli(["profile", model, "--out", tmp_path / "r", *FAST], capsys)
+    assert code == 0, err
+    assert "attnprof: warning: Gemma2Attention uses attention logit softcapping" in err
+    assert json.loads((tmp_path / "r" / "profile.json").read_text())["probes"]["capture"] == "eager weights"
+    code, _, err = run_cli(["profile", model, "--out", tmp_path / "d", "--estimator", "dense", *FAST], capsys)
+    errors = [line for line in err.splitlines() if line.startswith("attnprof: error:")]
+    assert code == 2 and len(errors) == 1 and errors[0].endswith("use --estimator tail"), err
+
+
 def test_missing_path(tmp_path, capsys):
     line = one_error_line(*run_cli(["profile", tmp_path / "nope", *FAST], capsys)[::2])
     assert "no such file" in line
