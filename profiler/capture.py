@@ -569,6 +569,9 @@ def capture(model: torch.nn.Module, input_ids: np.ndarray, *, window: int, estim
     """
     if estimator not in ("tail", "dense"):
         raise AttnprofError(f"estimator {estimator!r} is not a streaming estimator")
+    if not 1 <= window < input_ids.shape[1]:
+        raise AttnprofError(f"window {window}: the tail window must hold at least 1 and fewer than the "
+                            f"probe length's {input_ids.shape[1]} queries")
     limit_heap_growth()
     num_layers = model.config.get_text_config().num_hidden_layers
     device = input_device(model)
