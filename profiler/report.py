@@ -557,7 +557,7 @@ def _footer(data: RunData) -> str:
     repro = [("suite", probes.get("suite")), ("length T", probes.get("length")),
              ("num N", probes.get("num")), ("seed", probes.get("seed", data.run.get("seed"))),
              ("window W", probes.get("window")), ("estimator", probes.get("estimator")),
-             ("attention read from", probes.get("capture", "streamed")),
+             ("capture", probes.get("capture", "streamed")),
              ("fit range", f"d ∈ [{fit.get('d_min')}, {fit.get('d_max')}]"),
              ("bootstrap", f"{fit.get('bootstrap')} resamples, CI level {fit.get('ci_level')}")]
     models = [(f"model ({role})", _model_line(m.profile.get("model", {}), m.name))
