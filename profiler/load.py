@@ -192,7 +192,7 @@ def load_model(spec: str | ModelSource, *, attn_implementation: str, device: str
         check_safetensors(source.path)
     torch_dtype = resolve_dtype(dtype, device)
     quant = quantization_config(load_in_4bit, load_in_8bit)
-    kwargs: dict[str, Any] = dict(dtype=torch_dtype, attn_implementation=attn_implementation)
+    kwargs: dict[str, Any] = dict(dtype=torch_dtype, attn_implementation=attention_for(config, attn_implementation))
     if quant is not None:
         kwargs["quantization_config"] = quant
         # bitsandbytes places weights at load time: on the asked GPU (not spread over all of them)
@@ -218,6 +218,19 @@ def load_model(spec: str | ModelSource, *, attn_implementation: str, device: str
     info = model_info(model.config, source.name, source.spec, str(torch_dtype).replace("torch.", ""),
                       quant_name)
     return LoadedModel(model, load_tokenizer(source), info, source)
+
+
+def attention_for(config: Any, wanted: str) -> str:
+    """The attention implementation to load with: `wanted`, except for model classes that compute
+    attention themselves (Falcon), which refuse any name but their own at load; they load eager,
+    and capture reads the weights eager attention returns."""
+    from transformers import AutoModelForCausalLM
+    try:
+        model_class = AutoModelForCausalLM._model_mapping[type(config)]
+    except (KeyError, AttributeError):
+        return wanted
+    can_set = getattr(model_class, "_can_set_attn_implementation", None)
+    return wanted if can_set is None or can_set() else "eager"
 
 
 def merge_adapter(base: str | ModelSource, adapter: ModelSource, *, attn_implementation: str,

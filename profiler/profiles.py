@@ -117,7 +117,8 @@ class Profile(Result):
             data = json.loads((directory / "profile.json").read_text(encoding="utf-8"))
             with np.load(directory / "curves.npz") as z:
                 curves = Capture(A=z["A"], sink=z["sink"], local=z["local"], entropy=z["entropy"],
-                                 distances=z["distances"] if "distances" in z else np.arange(z["A"].shape[-1]))
+                                 distances=z["distances"] if "distances" in z else np.arange(z["A"].shape[-1]),
+                                 path="hooks" if data["probes"].get("capture") == "eager weights" else "stream")
             with np.load(directory / "probes.npz") as z:
                 input_ids = z["input_ids"]
         except (OSError, KeyError, ValueError) as exc:

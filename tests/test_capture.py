@@ -156,6 +156,36 @@ def test_dense_capture_follows_a_chunked_attention_mask():
     assert np.all(dense[0, :, chunk:] == 0.0) and np.all(dense[1, :, chunk:] > 0.0)
 
 
+def test_dense_capture_hands_only_masks_beyond_the_band_to_the_reference(monkeypatch):
+    """transformers gives sliding layers their causal band as a mask too; that one must not take
+    the dense estimator off the kernels (on CUDA), while a chunked mask must reach the reference."""
+    from profiler import dense
+    seen = []
+    real = dense.dense_profile
+
+    def spy(*args, mask=None, **kwargs):
+        seen.append(mask is not None)
+        return real(*args, mask=mask, **kwargs)
+
+    monkeypatch.setattr(dense, "dense_profile", spy)
+    cap.register()
+    ids = np.random.default_rng(6).integers(0, 300, size=(1, 48))
+    for model, masked in ((tiny_model("mistral", sliding_window=16), [False, False]),
+                          (tiny_model("llama4", attention_chunk_size=16, no_rope_layers=[1, 0]), [True, False])):
+        seen.clear()
+        model.set_attn_implementation(cap.ATTN_NAME)
+        cap.capture(model, ids, window=8, estimator="dense")
+        assert seen == masked
+    i, j = torch.arange(40)[:, None], torch.arange(44)[None, :]
+    band = ((j <= i) & (j > i - 9))[None, None].expand(2, 1, 40, 44)
+    assert cap._is_band(band, 40, 9, rows=16) and not cap._is_band(band, 40, None, rows=16)
+    additive = torch.zeros(band.shape, dtype=torch.bfloat16).masked_fill(~band, torch.finfo(torch.bfloat16).min)
+    assert cap._is_band(additive, 40, 9, rows=7)
+    hole = band.clone()
+    hole[1, 0, 39, 35] = False
+    assert not cap._is_band(hole, 40, 9, rows=16)
+
+
 def test_dense_reference_under_a_mask_is_one_for_uniform_attention():
     """Equal logits under an arbitrary mask: 1.0 at every distance some query sees, `empty`
     where none does, and the same profile as without the mask when it hides nothing."""
@@ -177,6 +207,7 @@ FALLBACK_MODELS = {   # attention the "attnprof" function cannot stand in for, a
     "gpt-oss-sinks": ("GptOssConfig", dict(head_dim=16, sliding_window=16, num_local_experts=2,
                                            num_experts_per_tok=1)),
     "bloom-alibi": ("BloomConfig", dict(n_layer=2, n_head=4)),
+    "falcon-own-attention": ("FalconConfig", dict(new_decoder_architecture=True, num_kv_heads=2)),
 }
 
 

@@ -89,9 +89,34 @@ def test_softcapped_model_is_profiled_from_eager_weights(tmp_path, capsys):
     assert code == 0, err
     assert "attnprof: warning: Gemma2Attention uses attention logit softcapping" in err
     assert json.loads((tmp_path / "r" / "profile.json").read_text())["probes"]["capture"] == "eager weights"
+    from profiler import load_profile
+    assert load_profile(tmp_path / "r").curves.path == "hooks"
     code, _, err = run_cli(["profile", model, "--out", tmp_path / "d", "--estimator", "dense", *FAST], capsys)
     errors = [line for line in err.splitlines() if line.startswith("attnprof: error:")]
     assert code == 2 and len(errors) == 1 and errors[0].endswith("use --estimator tail"), err
+
+
+def test_model_that_computes_its_own_attention_loads_eager(tmp_path, capsys):
+    """Falcon's classes refuse any attention name but their own at load: the model is loaded with
+    eager attention and read through hooks; a Falcon object already loaded with SDPA cannot switch
+    and is refused in one line that says how to load it."""
+    import transformers
+
+    from conftest import tiny_tokenizer
+    from profiler import profile
+    from profiler.errors import AttnprofError
+    config = transformers.FalconConfig(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                       new_decoder_architecture=True, num_kv_heads=2)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(tmp_path / "falcon")
+    tiny_tokenizer(300).save_pretrained(tmp_path / "falcon")
+    code, _, err = run_cli(["profile", tmp_path / "falcon", "--out", tmp_path / "r", *FAST], capsys)
+    assert code == 0 and "reads eager attention weights" in err, err
+    assert json.loads((tmp_path / "r" / "profile.json").read_text())["probes"]["capture"] == "eager weights"
+    assert model.config._attn_implementation == "sdpa"
+    with pytest.raises(AttnprofError, match="load it with attn_implementation='eager'"):
+        profile(model, tiny_tokenizer(300), length=64, num=4, probes="random")
 
 
 def test_missing_path(tmp_path, capsys):
