@@ -78,10 +78,8 @@ def _visible_tail(mask: torch.Tensor | None, length: int, window: int, device) -
     if mask is None:
         rows = torch.arange(length - window, length, device=device)[:, None]
         return (torch.arange(length, device=device)[None, :] <= rows)[None, None]
-    tail = mask[..., length - window:, :length]
-    if tail.dtype == torch.bool:
-        return tail
-    return tail > torch.finfo(tail.dtype).min / 2
+    from .dense import mask_visibility
+    return mask_visibility(mask[..., length - window:, :length])
 
 
 def _tail_profile(probs: torch.Tensor) -> torch.Tensor:
@@ -141,13 +139,12 @@ def layer_stats(query: torch.Tensor, key: torch.Tensor, scaling: float, mask: to
 def _is_band(mask: torch.Tensor, length: int, sliding_window: int | None, rows: int = 1024) -> bool:
     """Whether the mask shows exactly causal attention (within the sliding window, if any), as
     transformers builds it for sliding layers; compared `rows` queries at a time, one sync."""
+    from .dense import mask_visibility
     window = length if sliding_window is None else min(sliding_window, length)
     keys = torch.arange(mask.shape[-1], device=mask.device)[None, :]
     same = torch.ones((), dtype=torch.bool, device=mask.device)
     for start in range(0, length, rows):
-        block = mask[..., start:start + rows, :]
-        if block.dtype != torch.bool:
-            block = block > torch.finfo(block.dtype).min / 2
+        block = mask_visibility(mask[..., start:start + rows, :])
         i = torch.arange(start, start + block.shape[-2], device=mask.device)[:, None]
         same &= (block == ((keys <= i) & (keys > i - window))).all()
     return bool(same)

@@ -185,10 +185,14 @@ def _mask_block(mask: torch.Tensor, start: int, end: int, first_key: int,
                 groups: tuple[int, int]) -> torch.Tensor:
     """The mask's visibility (True = seen) for queries start … end − 1 and keys first_key …
     end − 1 in the scores' flipped key order, shaped to broadcast against (B, KV, G, rows, span)."""
-    block = mask[..., start:end, first_key:end].flip(-1)
-    if block.dtype != torch.bool:                              # additive: 0 seen, very negative hidden
-        block = block > torch.finfo(block.dtype).min / 2
+    block = mask_visibility(mask[..., start:end, first_key:end].flip(-1))
     return block.unsqueeze(2) if block.shape[1] == 1 else block.unflatten(1, groups)
+
+
+def mask_visibility(mask: torch.Tensor) -> torch.Tensor:
+    """An attention mask as SDPA takes it, as booleans (True = seen): boolean masks as they are,
+    additive ones (0 seen, the dtype's most negative value hidden) compared against half of it."""
+    return mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
 
 
 @dataclasses.dataclass(frozen=True)
