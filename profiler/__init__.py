@@ -53,9 +53,16 @@ def load_diff(run_dir: Any):
     return ProfileDiff(heads=heads, **data)
 
 
+# the stage modules, reachable as profiler.run, profiler.plots, ... without importing them first
+_MODULES = ("adapter", "callback", "capture", "dense", "diff", "fit", "io", "load", "plots", "probes",
+            "profiles", "report", "rules", "run", "sources", "spectra", "weights")
+
+
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    if name in _MODULES:
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'profiler' has no attribute {name!r}")
 
 

@@ -111,11 +111,15 @@ def quieted(quiet: bool = True) -> Iterator[None]:
 
 
 MIN_PROBES_FOR_CI = 4
+MIN_LENGTH = rules.FIT_D_MIN + rules.FIT_SINK_MARGIN + 2      # T − W − 8 > 16 with W = 1
 
 
 def resolve_length(requested: int | None, max_positions: int | None, allow_truncate: bool) -> int:
     """The probe length: the default is capped at max positions with a warning; an explicit length
     above max positions is refused unless allow_truncate."""
+    if requested is not None and requested < MIN_LENGTH:
+        raise AttnprofError(f"--length {requested}: probes need at least {MIN_LENGTH} tokens, so that the fit "
+                            f"has distances from {rules.FIT_D_MIN} to T − W − {rules.FIT_SINK_MARGIN}")
     if requested is None:
         if max_positions and max_positions < DEFAULT_LENGTH:
             warnings.warn(f"probe length capped at the model's max positions ({max_positions})")
@@ -304,7 +308,8 @@ def compare(base: str, merged: str, options: ProfileOptions | None = None,
     """Profile BASE and MERGED on identical token ids, diff profiles and weights, give a verdict.
 
     MERGED may be a PEFT adapter directory: it is merged onto BASE with peft (and, for the weight
-    diff, saved into `workdir`). `merged_options` lets the merged side load differently (e.g.
+    diff, saved into `workdir`: by default a temporary directory, removed before returning, and
+    `Comparison.merged_dir` is then None). `merged_options` lets the merged side load differently (e.g.
     in 4-bit to see what quantisation alone does); by default both sides use `options`.
     `base_profile`, from an earlier compare() with the same options, skips re-profiling BASE.
     `target_modules` / `adapter_rank` tell the weight diff what a merged checkpoint's adapter
@@ -314,9 +319,16 @@ def compare(base: str, merged: str, options: ProfileOptions | None = None,
     if options is not None and option_fields:
         raise AttnprofError("compare(): give ProfileOptions or its fields as keywords, not both")
     options = options or ProfileOptions(**option_fields)
-    with quieted(options.quiet):
-        return _compare(base, merged, options, thresholds, merged_options, workdir, with_weights,
-                        base_profile, target_modules, adapter_rank)
+    with quieted(options.quiet), contextlib.ExitStack() as cleanup:
+        temporary = workdir is None
+        if temporary:
+            import tempfile
+            workdir = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="attnprof-merge-"))
+        result = _compare(base, merged, options, thresholds, merged_options, workdir, with_weights,
+                          base_profile, target_modules, adapter_rank)
+        if temporary and result.merged_dir is not None and str(result.merged_dir).startswith(str(workdir)):
+            result.merged_dir = None
+        return result
 
 
 def _compare(base: str, merged: str, options: ProfileOptions, thresholds: Any,

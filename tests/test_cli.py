@@ -216,6 +216,7 @@ def test_a_threshold_that_would_turn_the_gate_off_is_refused(capsys, option, val
     (["--window", "0"], "--window 0: the tail window must hold at least 1"),
     (["--window", "128"], "fewer than the probe length's 128 queries"),
     (["--window", "110"], "--window 110 at probe length 128 leaves the fit no distances"),
+    (["--length", "1"], "--length 1: probes need at least 26 tokens"),
     (["--estimator", "taf", "--window", "10"], "--window does not apply to --estimator taf"),
     (["--seed", "-1"], "--seed -1: the seed must be ≥ 0"),
     (["vs", "SELF", "--targets", "q_projj,v_porj"], "target modules q_projj, v_porj name no weight"),

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -160,6 +161,28 @@ def test_adapter_run_with_weight_diff_is_byte_identical(tiny_dir, tmp_path, caps
     assert str(adapter) in merged and "merged onto" in merged
 
 
+def test_api_compare_with_an_adapter_diffs_the_weights(tiny_dir, tmp_path):
+    """compare(BASE, ADAPTER) from Python merges into a temporary directory for the weight diff,
+    as the CLI does, and removes it; the diff finds the adapter's rank on its targets."""
+    import tempfile
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    import profiler
+    torch.manual_seed(1)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_dir),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False))
+    model.save_pretrained(tmp_path / "adapter")
+    before = set(Path(tempfile.gettempdir()).glob("attnprof-merge-*"))
+    result = profiler.compare(str(tiny_dir), str(tmp_path / "adapter"), length=64, num=4, probes="random")
+    assert result.merged_dir is None and set(Path(tempfile.gettempdir()).glob("attnprof-merge-*")) == before
+    changed = [t for t in result.diff.weights if t["changed"]]
+    assert {t["name"].split(".")[-2] for t in changed} == {"q_proj"} and len(changed) == 2
+    assert all(t["signal_rank"] == 4 for t in changed)
+    assert not [f for f in result.diff.flags if f["code"] == "weights_not_diffed"]
+
+
 def test_adapter_for_another_base_is_refused(tiny_dir, tmp_path, capsys):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -308,3 +331,13 @@ def test_quiet_api_calls_hide_the_gguf_conversion_bar(capfd):
     assert gguf_utils.tqdm is before
     with quieted(False):
         assert gguf_utils.tqdm is before
+
+
+def test_stage_modules_are_reachable_from_the_package():
+    """README writes profiler.run.write_run(...) and profiler.plots.*: in a fresh process, after a
+    bare `import profiler`, both must resolve (the package imports its modules lazily)."""
+    import subprocess
+    import sys
+    script = "import profiler; print(profiler.run.write_run.__name__, profiler.plots.plot_regime_maps.__name__)"
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.split() == ["write_run", "plot_regime_maps"], proc.stderr
