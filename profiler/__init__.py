@@ -42,15 +42,14 @@ def load_diff(run_dir: Any):
     from pathlib import Path
 
     from .diff import HeadDiff, ProfileDiff, verdict_uncertainty
+    from .results import from_json
     from .rules import GateThresholds
     data = json.loads((Path(run_dir) / "diff.json").read_text(encoding="utf-8"))
-    heads = [HeadDiff(**{**h, "dgamma_ci": tuple(h["dgamma_ci"])}) for h in data.pop("heads")]
-    data["model_dgamma_ci"] = tuple(data["model_dgamma_ci"])
+    heads = [from_json(HeadDiff, h) for h in data.pop("heads")]
     if "borderline" not in data:            # written before attnprof said how firm a verdict is
         data["shifted_heads_range"], data["borderline"] = verdict_uncertainty(
-            heads, data["model_dgamma_ci"], data["regime_flip_fraction"], GateThresholds(**data["thresholds"]))
-    data["shifted_heads_range"] = tuple(data["shifted_heads_range"])
-    return ProfileDiff(heads=heads, **data)
+            heads, tuple(data["model_dgamma_ci"]), data["regime_flip_fraction"], GateThresholds(**data["thresholds"]))
+    return from_json(ProfileDiff, {**data, "heads": heads})
 
 
 # the stage modules, reachable as profiler.run, profiler.plots, ... without importing them first

@@ -16,7 +16,7 @@ import numpy as np
 from . import fit, rules
 from .errors import AttnprofError
 from .profiles import FitSetup, Profile
-from .results import Result
+from .results import Result, head_index
 
 
 @dataclass
@@ -74,9 +74,8 @@ class ProfileDiff(Result):
     probes_fingerprint: str = ""
 
     def __getitem__(self, key: tuple[int, int]) -> HeadDiff:
-        layer, head = key
-        per_layer = len(self.heads) // (max(h.layer for h in self.heads) + 1)
-        return self.heads[layer * per_layer + head]
+        num_layers = max(h.layer for h in self.heads) + 1
+        return self.heads[head_index(key, num_layers, len(self.heads) // num_layers)]
 
     def rows(self) -> list[dict[str, Any]]:
         out = []
@@ -151,11 +150,12 @@ def check_comparable(base: Profile, merged: Profile) -> None:
     for k in keys:
         if base.model.get(k) != merged.model.get(k):
             raise AttnprofError(f"base and merged differ in {k} ({base.model.get(k)} vs {merged.model.get(k)})")
+    for k in ("length", "num", "suite", "seed", "estimator", "window"):
+        if base.probes.get(k) != merged.probes.get(k):
+            raise AttnprofError(f"base and merged were profiled with different probe {k} "
+                                f"({base.probes.get(k)} vs {merged.probes.get(k)})")
     if base.input_ids.shape != merged.input_ids.shape or not np.array_equal(base.input_ids, merged.input_ids):
         raise AttnprofError("base and merged were profiled on different probe token ids")
-    if base.probes.get("window") != merged.probes.get("window") or \
-            base.probes.get("estimator") != merged.probes.get("estimator"):
-        raise AttnprofError("base and merged were profiled with different windows or estimators")
 
 
 def diff_profiles(base: Profile, merged: Profile, thresholds: rules.GateThresholds | None = None,

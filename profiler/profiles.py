@@ -18,7 +18,7 @@ import numpy as np
 from . import __version__, fit, rules
 from .capture import Capture
 from .errors import AttnprofError
-from .results import NOT_JSON, Result, dumps
+from .results import NOT_JSON, Result, dumps, from_json, head_index
 
 
 @dataclass
@@ -72,8 +72,7 @@ class Profile(Result):
     input_ids: np.ndarray = field(repr=False, metadata=NOT_JSON)
 
     def __getitem__(self, key: tuple[int, int]) -> HeadFit:
-        layer, head = key
-        return self.heads[layer * self.model["num_heads"] + head]
+        return self.heads[head_index(key, self.model["num_layers"], self.model["num_heads"])]
 
     def rows(self) -> list[dict[str, Any]]:
         out = []
@@ -123,11 +122,9 @@ class Profile(Result):
                 input_ids = z["input_ids"]
         except (OSError, KeyError, ValueError) as exc:
             raise AttnprofError(f"{directory}: not a stored profile ({exc.__class__.__name__}: {exc})") from None
-        heads = [HeadFit(**{**h, "gamma_ci": tuple(h["gamma_ci"])}) for h in data["heads"]]
-        ml = data["model_level"]
-        return cls(data["model"], data["probes"], data["fit"], heads,
-                   ModelFit(**{**ml, "gamma_ci": tuple(ml["gamma_ci"])}), data["versions"],
-                   curves, input_ids)
+        heads = [from_json(HeadFit, h) for h in data["heads"]]
+        return cls(data["model"], data["probes"], data["fit"], heads, from_json(ModelFit, data["model_level"]),
+                   data["versions"], curves, input_ids)
 
 
 @dataclass(frozen=True)

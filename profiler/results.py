@@ -48,6 +48,48 @@ def dumps(data: Any) -> str:
     return json.dumps(plain(data), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
 
 
+def from_json(cls: type, data: dict[str, Any]) -> Any:
+    """Build a result dataclass from its JSON dict: lists back to tuples where the field is a
+    tuple, and null back to NaN where the field is a plain float (JSON has no NaN; fields typed
+    `float | None` keep None, which means "does not apply")."""
+    values = dict(data)
+    for f in dataclasses.fields(cls):
+        kind, value = str(f.type), values.get(f.name)
+        if kind == "float" and value is None and f.name in values:
+            values[f.name] = math.nan
+        elif kind.startswith("tuple[") and isinstance(value, list):
+            values[f.name] = tuple(math.nan if v is None and "float" in kind else v for v in value)
+    return cls(**values)
+
+
+def head_index(key: Any, num_layers: int, num_heads: int) -> int:
+    """The position of head [layer, head] in a layer-major list; negative indices count from the
+    end, as in Python, and each axis is checked on its own."""
+    if not (isinstance(key, tuple) and len(key) == 2):
+        raise TypeError(f"index with [layer, head], got {key!r}")
+    position = []
+    for axis, index, size in (("layer", key[0], num_layers), ("head", key[1], num_heads)):
+        index = int(index)
+        if not -size <= index < size:
+            raise IndexError(f"{axis} {index} out of range for {size} {axis}s")
+        position.append(index % size)
+    return position[0] * num_heads + position[1]
+
+
+def _shown(key: str, value: Any) -> dict[str, Any]:
+    """A field as table cells: scalars as they are, an interval `x_ci` as `x_lo`/`x_hi`, a list
+    of scalars joined, a list of findings by their codes; other lists and dicts are left out."""
+    if not isinstance(value, (list, dict)):
+        return {key: value}
+    if isinstance(value, list) and key.endswith("_ci") and len(value) == 2:
+        return {f"{key[:-3]}_lo": value[0], f"{key[:-3]}_hi": value[1]}
+    if isinstance(value, list) and value and all(not isinstance(v, (list, dict)) for v in value):
+        return {key: "; ".join(str(v) for v in value)}
+    if isinstance(value, list) and value and all(isinstance(v, dict) and "code" in v for v in value):
+        return {key: ", ".join(str(v["code"]) for v in value)}
+    return {}
+
+
 class Result:
     """Mixin for result dataclasses. Subclasses may override `rows()` for `.to_frame()`.
 
@@ -63,20 +105,24 @@ class Result:
 
     def rows(self) -> list[dict[str, Any]]:
         """The natural table of this result: one row per head, tensor, finding... Default: one row."""
-        return [{k: v for k, v in self.to_dict().items() if not isinstance(v, (list, dict))}]
+        return [Result.summary(self)]
 
     def to_frame(self):
         import pandas as pd
         return pd.DataFrame(self.rows())
 
     def summary(self) -> dict[str, Any]:
-        """Scalar headline fields shown above the table in Jupyter."""
-        return {k: v for k, v in self.to_dict().items() if not isinstance(v, (list, dict))}
+        """Headline fields shown above the table in Jupyter (intervals split, lists joined)."""
+        shown: dict[str, Any] = {}
+        for key, value in self.to_dict().items():
+            shown.update(_shown(key, value))
+        return shown
 
     def _repr_html_(self) -> str:
         head = "".join(f"<tr><th style='text-align:left'>{html.escape(str(k))}</th>"
                        f"<td>{html.escape(str(v))}</td></tr>" for k, v in self.summary().items())
         frame = self.to_frame()
-        body = frame.head(30).to_html(index=False, border=0) if len(frame) > 1 else ""
+        has_table = type(self).rows is not Result.rows      # a class with rows of its own shows even one
+        body = frame.head(30).to_html(index=False, border=0) if has_table and len(frame) else ""
         more = f"<p>… {len(frame) - 30} more rows: use <code>.to_frame()</code></p>" if len(frame) > 30 else ""
         return (f"<div><strong>{type(self).__name__}</strong><table>{head}</table>{body}{more}</div>")

@@ -341,3 +341,25 @@ def test_stage_modules_are_reachable_from_the_package():
     script = "import profiler; print(profiler.run.write_run.__name__, profiler.plots.plot_regime_maps.__name__)"
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.stdout.split() == ["write_run", "plot_regime_maps"], proc.stderr
+
+
+def test_jupyter_views_show_reasons_intervals_and_single_row_tables():
+    """What decides a verdict must be visible in its notebook view; a result whose table has one
+    row (an adapter check with one finding) still shows it."""
+    from dataclasses import dataclass
+
+    from profiler.diff import Verdict
+    from profiler.results import Result
+    verdict = Verdict("regression", ["|model Δgamma| 0.08 > 0.05", "shifted heads 12% > 10%"], {"max_model_dgamma": 0.05})
+    view = verdict._repr_html_()
+    assert "|model Δgamma| 0.08 &gt; 0.05; shifted heads 12% &gt; 10%" in view
+    assert list(verdict.to_frame().columns) == ["verdict", "reasons"]
+
+    @dataclass
+    class OneFinding(Result):
+        name: str
+
+        def rows(self):
+            return [{"code": "targets_attention_only", "severity": "info"}]
+
+    assert "targets_attention_only" in OneFinding("x")._repr_html_()

@@ -135,3 +135,33 @@ def test_exponential_alternative_wins_on_exponential_decay():
     A = np.exp(-d / 300.0)[None, None, None].repeat(4, 0)
     prof = make_profile(A)
     assert prof.heads[0].exp_r2 > 0.99 > prof.heads[0].r2
+
+
+def test_heads_index_like_a_layer_by_head_array():
+    """p[layer, head] with Python's rules: negative indices from the end, each axis checked."""
+    A = np.concatenate([power_profiles([0.3, 0.8, 1.0], noise=0.0)] * 2, axis=1)   # (N, 2 layers, 3 heads, M)
+    prof = make_profile(A)
+    assert (prof[1, 2].layer, prof[1, 2].head) == (1, 2)
+    assert (prof[-1, -1].layer, prof[-1, -1].head) == (1, 2) and (prof[0, -3].layer, prof[0, -3].head) == (0, 0)
+    with pytest.raises(IndexError, match="head 3 out of range for 3 heads"):
+        prof[0, 3]
+    with pytest.raises(IndexError, match="layer -3 out of range"):
+        prof[-3, 0]
+    with pytest.raises(TypeError, match=r"index with \[layer, head\]"):
+        prof[3]
+
+
+def test_nan_survives_the_json_round_trip_and_the_views_show_the_intervals(tmp_path):
+    """JSON has no NaN (it is written as null); a stored profile must read it back as NaN, so
+    that arithmetic and the Jupyter views work on it as on the live object."""
+    from profiler import load_profile
+    prof = make_profile(power_profiles([0.3, 0.8], noise=0.0))
+    prof.heads[1].gamma, prof.heads[1].gamma_ci = float("nan"), (float("nan"), 0.9)
+    prof.save(tmp_path)
+    loaded = load_profile(tmp_path)
+    assert np.isnan(loaded[0, 1].gamma) and np.isnan(loaded[0, 1].gamma_ci[0]) and loaded[0, 1].gamma_ci[1] == 0.9
+    assert loaded.to_dict() == prof.to_dict()
+    assert loaded.model_level.gamma_pade is None                   # "does not apply" stays None
+    head = loaded[0, 0].summary()
+    assert head["gamma_lo"] <= head["gamma"] <= head["gamma_hi"]
+    assert "gamma_lo" in loaded[0, 0]._repr_html_()
