@@ -419,11 +419,10 @@ def _fill_rank_and_scale(spec: AdapterSpec, result: AdapterCheck, findings: list
     result.scale_formula = "alpha/sqrt(r)" if spec.rslora else "alpha/r"
     names = list(spec.rank_pattern) + [k for k in spec.alpha_pattern if k not in spec.rank_pattern]
     scales = {"(default)": result.scale}
-    for key in names:
-        r = spec.rank_pattern.get(key, spec.r)
-        alpha = spec.alpha_pattern.get(key, spec.alpha)
-        if r and alpha is not None:
-            scales[key] = alpha / math.sqrt(r) if spec.rslora else alpha / r
+    for key in names:          # a module named like the key takes r and alpha as peft resolves them
+        scale = _scale(spec, key)
+        if scale is not None:
+            scales[key] = scale
     result.scale_min, result.scale_max = min(scales.values()), max(scales.values())
     high = {k: v for k, v in scales.items() if v > rules.SCALING_HIGH}
     low = {k: v for k, v in scales.items() if v < rules.SCALING_LOW}

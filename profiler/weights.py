@@ -288,6 +288,10 @@ class AdapterDelta:
     def singular_values(self) -> np.ndarray:
         return spectra.lowrank_spectrum(self.B, self.A, self.scale)
 
+    def transposed(self) -> "AdapterDelta":
+        """The same change in the other orientation: (B A)ᵀ = Aᵀ Bᵀ."""
+        return AdapterDelta(self.module, self.weight, self.A.T.contiguous(), self.B.T.contiguous(), self.scale)
+
 
 @dataclass(frozen=True)
 class _AdapterEntry:
@@ -353,12 +357,15 @@ class _Adapter:
             entries[module + ".weight"] = _AdapterEntry(module, key_a, key_b, embedding)
         return entries, unsupported
 
-    def delta(self, weight: str, handle: Any = None) -> AdapterDelta:
-        """Read the factors of one module and put them in the stored weight's orientation."""
+    def delta(self, weight: str, handle: Any = None, shape: tuple[int, ...] | None = None) -> AdapterDelta:
+        """Read the factors of one module and put them in the stored weight's orientation: the
+        one that gives the stored `shape` when it tells (a rectangular weight), else what the
+        config says. The config's fan_in_fan_out is one flag for all modules, but peft sets it
+        per module (True for GPT-2's Conv1D, False for nn.Linear) and saves the last it set."""
         entry = self.entries[weight]
         if handle is None:
             with _open(self.file) as own:
-                return self.delta(weight, own)
+                return self.delta(weight, own, shape)
         a = handle.get_tensor(entry.key_a).to(torch.float64)
         b = handle.get_tensor(entry.key_b).to(torch.float64)
         if a.shape[0] != b.shape[1]:
@@ -368,9 +375,11 @@ class _Adapter:
         alpha = float(pattern_value(self.config.get("alpha_pattern"), entry.module,
                                     self.config.get("lora_alpha", rank)))
         scale = spectra.lora_scale(alpha, rank, self.use_rslora)
-        if entry.embedding or self.fan_in_fan_out:      # ΔW_stored = (B A)ᵀ = Aᵀ Bᵀ
-            a, b = b.T.contiguous(), a.T.contiguous()
-        return AdapterDelta(entry.module, weight, b, a, scale)
+        delta = AdapterDelta(entry.module, weight, b, a, scale)
+        flipped = delta.transposed()                      # ΔW_stored = (B A)ᵀ = Aᵀ Bᵀ
+        if shape is not None and len(shape) == 2 and shape[0] != shape[1]:
+            return flipped if flipped.shape == tuple(shape) else delta     # neither: the caller flags it
+        return flipped if entry.embedding or self.fan_in_fan_out else delta
 
 
 def adapter_deltas(adapter_dir: str | Path) -> dict[str, AdapterDelta]:
@@ -431,8 +440,11 @@ class _Targets:
         lora_modules = {e.module for e in adapter.entries.values()} if adapter else set()
         self.lora_modules = lora_modules
         self.known = target_modules is not None or (adapter is not None and bool(lora_modules))
+        self.tied: dict[str, str] = {}     # input-embedding module -> the output head stored in it
 
     def _lora_target(self, module: str) -> bool:
+        if module in self.tied and self._lora_target(self.tied[module]):
+            return True
         t = self.explicit
         if t is None:
             return module in self.lora_modules
@@ -446,6 +458,10 @@ class _Targets:
         if self.adapter is None:
             return False
         return any(re.match(rf"(^|.*\.){m}($|\..*)", module) for m in self.adapter.modules_to_save)
+
+    def saved_whole(self, name: str) -> bool:
+        """Whether the adapter saves this tensor's whole module (modules_to_save): any rank goes."""
+        return self._saved_whole(_module_of(name)[0])
 
     def __call__(self, name: str, ndim: int) -> bool | None:
         if not self.known:
@@ -571,6 +587,17 @@ def _matrix_summary(td: TensorDiff, scan: _Pass, k: int, top_k: int) -> None:
         td.status = HIGH_RANK
 
 
+def _adapter_residual(ad: AdapterDelta, delta: torch.Tensor | None) -> float:
+    """‖ΔW − scale·B·A‖_F (‖scale·B·A‖_F without a measured ΔW), block by block."""
+    residual2 = 0.0
+    for block in _blocks(*ad.shape):
+        expected = ad.scale * (ad.B[block] @ ad.A)
+        if delta is not None:
+            expected = delta[block].to(torch.float64) - expected
+        residual2 += float(torch.linalg.vector_norm(expected)) ** 2
+    return math.sqrt(residual2)
+
+
 def _compare_adapter(td: TensorDiff, scan: _Pass | None, ad: AdapterDelta, top_k: int) -> bool:
     """Put the exact adapter spectrum beside the measured one; False when the shapes disagree."""
     if td.status == SHAPE_MISMATCH or ad.shape != tuple(td.shape):
@@ -580,14 +607,10 @@ def _compare_adapter(td: TensorDiff, scan: _Pass | None, ad: AdapterDelta, top_k
     td.adapter_scale = ad.scale
     td.adapter_singular_values = [float(x) for x in sv[:top_k]]
     reference = float(np.sqrt(np.sum(sv ** 2)))
-    residual2 = 0.0
     delta = scan.delta if scan is not None else None
-    for block in _blocks(*ad.shape):
-        expected = ad.scale * (ad.B[block] @ ad.A)
-        if delta is not None:
-            expected = delta[block].to(torch.float64) - expected
-        residual2 += float(torch.linalg.vector_norm(expected)) ** 2
-    residual = math.sqrt(residual2)
+    residual = _adapter_residual(ad, delta)
+    if delta is not None and ad.shape[0] == ad.shape[1]:     # a square weight: either orientation fits
+        residual = min(residual, _adapter_residual(ad.transposed(), delta))
     td.adapter_rel_error = residual / reference if reference > 0 else (0.0 if residual == 0 else None)
     if scan is not None and scan.noise_energy > 0:
         td.adapter_residual_noise = residual / math.sqrt(scan.noise_energy)
@@ -664,8 +687,9 @@ def _preview(names: Sequence[str], detail: Callable[[str], str] | None = None) -
 
 def _flags(tensors: list[TensorDiff], missing: list[str], extra: list[str], tied: list[str],
            adapter: _Adapter | None, adapter_missing: list[str], adapter_misfit: list[str],
-           adapter_rank: int | None, targets_known: bool) -> list[WeightFlag]:
-    """All findings, one flag per code, each message 'what (count): first names'."""
+           adapter_rank: int | None, targets_known: bool, saved_whole: set[str]) -> list[WeightFlag]:
+    """All findings, one flag per code, each message 'what (count): first names'. `saved_whole`:
+    tensors of modules the adapter saves whole (modules_to_save), where any rank is expected."""
     by_name = {t.name: t for t in tensors}
     flags: list[WeightFlag] = []
 
@@ -698,7 +722,7 @@ def _flags(tensors: list[TensorDiff], missing: list[str], extra: list[str], tied
     add("changed_outside_targets", "warning", "changed beyond rounding outside the target modules"
         + ("; high-rank changes everywhere look like a merge into a de-quantised (QLoRA) base or a "
            "full fine-tune" if dense else ""), outside, lambda n: by_name[n].status)
-    ranked = [t for t in tensors if t.signal_rank and t.in_targets is not False]
+    ranked = [t for t in tensors if t.signal_rank and t.in_targets is not False and t.name not in saved_whole]
     over = [t.name for t in ranked if (t.adapter_rank or adapter_rank)
             and t.signal_rank > RANK_WELL_ABOVE_ADAPTER * (t.adapter_rank or adapter_rank)]
     add("not_pure_lora", "warning", f"signal rank above {RANK_WELL_ABOVE_ADAPTER:g}× the adapter rank: "
@@ -766,6 +790,9 @@ def _natural_key(name: str) -> list[Any]:
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
 
 
+INPUT_EMBEDDINGS = ("embed_tokens", "wte", "word_embeddings", "embed_in", "tok_embeddings")
+
+
 def _is_head(name: str) -> bool:
     return name == "lm_head.weight" or name.endswith(".lm_head.weight")
 
@@ -827,16 +854,27 @@ def diff_weights(base_dir: str | Path, merged_dir: str | Path, *, adapter_dir: s
         raise AttnprofError(f"{base_dir} and {merged_dir} share no tensor of the same name and shape: "
                             "not the same architecture")
 
+    # tied embeddings: the output head is stored only as the input embedding, on both sides
+    heads_stored = any(_is_head(n) for n in base_cat) or any(_is_head(n) for n in merged_cat)
+    embeddings = [n for n in common if n.endswith(".weight")
+                  and _module_of(n)[0].rpartition(".")[2] in INPUT_EMBEDDINGS]
+    tied_embedding = embeddings[0] if not heads_stored and len(embeddings) == 1 else None
+
     adapter_plan: dict[str, str] = {}          # checkpoint name -> adapter weight key
     adapter_missing: list[str] = []
     if adapter is not None and adapter.is_lora:
         names = set(common)
         for weight, entry in adapter.entries.items():
             found = _resolve(weight, names)
+            if found is None and tied_embedding is not None and _is_head(weight):
+                found = tied_embedding            # LoRA on a tied head changes the shared matrix
+                targets.tied[_module_of(tied_embedding)[0]] = entry.module
             if found is None:
                 adapter_missing.append(entry.module)
             else:
                 adapter_plan[found] = weight
+    if tied_embedding is not None and adapter is None and target_modules is not None:
+        targets.tied[_module_of(tied_embedding)[0]] = "lm_head"
 
     advance, close = _progress_callback(progress, len(common))
     tensors: list[TensorDiff] = []
@@ -846,8 +884,9 @@ def diff_weights(base_dir: str | Path, merged_dir: str | Path, *, adapter_dir: s
             adapter_handle = stack.enter_context(_open(adapter.file)) if adapter_plan else None
             for i, name in enumerate(common):
                 ib, im = base_cat[name], merged_cat[name]
-                ad = adapter.delta(adapter_plan[name], adapter_handle) if name in adapter_plan else None
-                td, fits = _diff_pair(name, ib, im, targets(name, len(ib.shape)), ad, adapter_rank, top_k)
+                ad = adapter.delta(adapter_plan[name], adapter_handle, ib.shape) if name in adapter_plan else None
+                told = None if targets.saved_whole(name) else adapter_rank
+                td, fits = _diff_pair(name, ib, im, targets(name, len(ib.shape)), ad, told, top_k)
                 if not fits:
                     adapter_misfit.append(ad.module)
                 tensors.append(td)
@@ -856,7 +895,7 @@ def diff_weights(base_dir: str | Path, merged_dir: str | Path, *, adapter_dir: s
         close()
 
     flags = _flags(tensors, missing, extra, tied, adapter, adapter_missing, adapter_misfit,
-                   adapter_rank, targets.known)
+                   adapter_rank, targets.known, {n for n in common if targets.saved_whole(n)})
     ranks = [t.signal_rank for t in tensors if t.signal_rank is not None]
     rels = [t.rel_norm for t in tensors if t.rel_norm is not None]
     return WeightDiff(

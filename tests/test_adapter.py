@@ -413,6 +413,16 @@ def test_per_module_scale_from_patterns():
     assert check.trainable_params == LAYERS * (2 * 64 + 8 * 48)
 
 
+def test_pattern_scales_resolve_both_patterns_per_module():
+    """rank_pattern names a module that alpha_pattern reaches by suffix: that module's scale is
+    64/64 = 1 (as peft sets it), not 8/64 from the default alpha, so nothing is damped."""
+    cfg = lora(r=8, lora_alpha=8, rank_pattern={"layers.1.self_attn.q_proj": 64}, alpha_pattern={"q_proj": 64})
+    assert adapter_scale(cfg, "model.layers.1.self_attn.q_proj") == 1.0
+    check = check_adapter(cfg, LLAMA)
+    assert (check.scale_min, check.scale_max) == (1.0, 8.0)
+    assert "scaling_low" not in codes(check) and "scaling_high" in codes(check)
+
+
 def test_adapter_scale_refuses_types_without_alpha():
     with pytest.raises(AttnprofError):
         adapter_scale({"peft_type": "IA3", "target_modules": ["k_proj"]})

@@ -455,3 +455,58 @@ def test_peak_memory_does_not_grow_with_model_size(tmp_path):
     # the property is "does not grow": a larger peak for the smaller checkpoint (seen once, under
     # another process's memory pressure evicting resident library pages) is not a failure
     assert growth[32] - growth[8] < pair_bytes, growth
+
+
+def _peft_merge(root: Path, model, config) -> tuple[Path, Path, Path]:
+    """Save base, adapter (random non-zero factors) and peft's merge_and_unload() of `model`."""
+    import copy
+
+    from peft import get_peft_model
+    model.config.architectures = [type(model).__name__]
+    model.save_pretrained(root / "base")
+    wrapped = get_peft_model(copy.deepcopy(model), config)
+    with torch.no_grad():
+        for name, p in wrapped.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                p.add_(torch.randn(p.shape, generator=_gen(len(name))) * 0.02)
+    wrapped.save_pretrained(root / "adapter")
+    wrapped.merge_and_unload().save_pretrained(root / "merged")
+    return root / "base", root / "adapter", root / "merged"
+
+
+@pytest.mark.parametrize("case", ["gpt2-conv1d-and-linear", "tied-head", "modules-to-save"])
+def test_peft_merges_read_exactly_whatever_the_module_layout(tmp_path, case):
+    """Real peft merges the check must read as exact rank-r changes on their targets, no flags:
+    GPT-2's Conv1D beside an nn.Linear (peft flips fan_in_fan_out per module and saves the last
+    value, here False), LoRA on an output head tied to the input embeddings (stored only as the
+    embedding), and a module saved whole (modules_to_save: any rank is expected there)."""
+    from peft import LoraConfig
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    llama = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=4, vocab_size=300)
+    if case == "gpt2-conv1d-and-linear":
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=300, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                                           tie_word_embeddings=False))
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=["attn.c_proj", "lm_head"], init_lora_weights=False)
+    elif case == "tied-head":
+        model = LlamaForCausalLM(LlamaConfig(**llama, tie_word_embeddings=True))
+        config = LoraConfig(r=3, lora_alpha=6, target_modules=["lm_head"], init_lora_weights=False)
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**llama, tie_word_embeddings=False))
+        config = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    base, adapter, merged = _peft_merge(tmp_path, model, config)
+    if case == "gpt2-conv1d-and-linear":
+        assert json.loads((adapter / "adapter_config.json").read_text())["fan_in_fan_out"] is False
+    wd = diff_weights(base, merged, adapter_dir=adapter)
+    changed = [t for t in wd.tensors if t.changed]
+    assert changed and all(t.in_targets for t in changed)
+    lora_changed = [t for t in changed if t.adapter_rank is not None]
+    assert lora_changed and all(t.signal_rank == t.adapter_rank == config.r for t in lora_changed)
+    assert all(t.adapter_rel_error < 1e-6 for t in lora_changed)
+    if case == "tied-head":
+        assert [t.name for t in changed] == ["model.embed_tokens.weight"]
+    if case == "modules-to-save":
+        head = next(t for t in changed if t.name == "lm_head.weight")
+        assert head.adapter_rank is None and head.signal_rank > 4 * config.r
+    assert [f.code for f in wd.flags if f.severity != "info"] == []
