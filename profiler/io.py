@@ -16,6 +16,23 @@ RUN_MARKER = "run.json"          # what makes a directory an attnprof run that a
 SWAP_ATTEMPTS = 5                # renames tried when another process swaps the same target
 
 
+def sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file, read in 1 MiB chunks (run.json records one per data file)."""
+    import hashlib
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def changed_since_run(root: Path, recorded: dict[str, str]) -> list[str]:
+    """The files of a run directory whose contents no longer match the hashes run.json recorded
+    (files that are gone are not listed: whoever needs them says so)."""
+    return [name for name, digest in sorted(recorded.items())
+            if (root / name).is_file() and sha256(root / name) != digest]
+
+
 def check_run_dir(target: str | os.PathLike) -> Path:
     """The absolute run directory for `--out`, refused (before any work) where writing it would
     destroy something that is not an earlier attnprof run: a file, a directory with other

@@ -24,7 +24,7 @@ import numpy as np
 
 from . import __version__, plots
 from .errors import AttnprofError
-from .io import atomic_dir, atomic_write_text
+from .io import atomic_dir, atomic_write_text, changed_since_run
 from .rules import REGIME_RULES, REGIMES, GateThresholds
 
 ROLES_PAIR = ("base", "merged")
@@ -139,6 +139,10 @@ def load_run(run_dir: str | Path) -> RunData:
     run = _read_json(root / "run.json") if (root / "run.json").is_file() else {}
     if not isinstance(run, dict):
         raise AttnprofError(f"{root / 'run.json'}: expected a JSON object")
+    edited = changed_since_run(root, run.get("files") or {})
+    if edited:
+        raise AttnprofError(f"{root}: {', '.join(edited)} no longer match{'es' if len(edited) == 1 else ''} "
+                            "the SHA-256 recorded in run.json (edited after the run?); re-run the profile")
     kind = run.get("kind")
     if kind is None:
         if (root / "diff.json").is_file() or (root / "base").is_dir():
@@ -258,12 +262,12 @@ def _fmt(value: Any, digits: int = 3, signed: bool = False) -> str:
     return f"{x:+.{digits}f}" if signed else f"{x:.{digits}f}"
 
 
-def _fmt_ci(ci: Any, digits: int = 3) -> str:
+def _fmt_ci(ci: Any, digits: int = 3, signed: bool = False) -> str:
     if not isinstance(ci, (list, tuple)) or len(ci) != 2:
         return "—"
     if not all(math.isfinite(_num(v)) for v in ci):
         return "—"
-    return f"[{_fmt(ci[0], digits)}, {_fmt(ci[1], digits)}]"
+    return f"[{_fmt(ci[0], digits, signed)}, {_fmt(ci[1], digits, signed)}]"
 
 
 def _pct(value: Any) -> str:
@@ -352,7 +356,7 @@ def _banner_pair(data: RunData) -> str:
     mdg = _num(diff.get("model_dgamma"))
     shifted, flips = diff.get("shifted_heads"), diff.get("regime_flips")
     rows = [
-        ("model Δγ (paired 95 % CI)", f"{_fmt(mdg, signed=True)} {_fmt_ci(diff.get('model_dgamma_ci'))}",
+        ("model Δγ (paired 95 % CI)", f"{_fmt(mdg, 4, signed=True)} {_fmt_ci(diff.get('model_dgamma_ci'), 4, True)}",
          f"|Δγ| ≤ {_num(th['max_model_dgamma']):g}",
          _check(math.isfinite(mdg) and abs(mdg) > _num(th["max_model_dgamma"]))),
         ("shifted heads", f"{shifted} of {n} ({_pct(diff.get('shifted_fraction'))}){_shifted_range(diff, ', ')}",
@@ -442,7 +446,7 @@ def _heads_table_pair(diff: Mapping[str, Any]) -> str:
     heads = sorted(diff["heads"], key=lambda h: -abs(_num(h.get("dgamma")))
                    if math.isfinite(_num(h.get("dgamma"))) else math.inf)
     rows = [[h["layer"], h["head"], num_cell(h.get("gamma_base")), num_cell(h.get("gamma_merged")),
-             num_cell(h.get("dgamma"), signed=True), _fmt_ci(h.get("dgamma_ci")),
+             num_cell(h.get("dgamma"), 4, signed=True), _fmt_ci(h.get("dgamma_ci"), 4, signed=True),
              num_cell(h.get("js"), 4), num_cell(h.get("dsink"), signed=True),
              Cell("yes" if h.get("shifted") else "no", 1 if h.get("shifted") else 0),
              h.get("regime_base"), h.get("regime_merged")] for h in heads]
@@ -689,8 +693,8 @@ def summary_markdown(run: str | Path | RunData) -> str:
     verdict = str(diff.get("verdict", "unknown")).upper()
     names = " vs ".join(m.name for m in data.models.values())
     lines = [f"## attnprof: {verdict}{' (borderline)' if diff.get('borderline') else ''} — {names}", "",
-             f"- model Δγ = {_fmt(diff.get('model_dgamma'), signed=True)} "
-             f"{_fmt_ci(diff.get('model_dgamma_ci'))} (threshold |Δγ| ≤ {_num(th['max_model_dgamma']):g})",
+             f"- model Δγ = {_fmt(diff.get('model_dgamma'), 4, signed=True)} "
+             f"{_fmt_ci(diff.get('model_dgamma_ci'), 4, True)} (threshold |Δγ| ≤ {_num(th['max_model_dgamma']):g})",
              f"- shifted heads: {diff.get('shifted_heads')}/{n} ({_pct(diff.get('shifted_fraction'))}, "
              f"threshold ≤ {_pct(th['max_shifted_heads'])}){_shifted_range(diff, '; ')}",
              f"- regime flips: {diff.get('regime_flips')}/{n} ({_pct(diff.get('regime_flip_fraction'))}, "
@@ -707,10 +711,10 @@ def summary_markdown(run: str | Path | RunData) -> str:
                   "|---|---:|---:|---:|---|"]
         lines += [f"| `{t.get('name')}` | {_num(t.get('rel_norm')):.3g} | {t.get('rank90')} | "
                   f"{t.get('signal_rank')} | {t.get('status')} |" for t in tensors[:WEIGHT_TABLE_TOP]]
-    flags = list(diff.get("flags") or [])
     adapter = diff.get("adapter") or {}
-    flags += list((adapter.get("check") or {}).get("findings") or [])
-    if flags:
-        lines += ["", "Flags:", ""]
-        lines += [f"- **{f.get('severity')}** `{f.get('code')}`: {f.get('message')}" for f in flags]
+    for title, found in (("Flags", diff.get("flags")),
+                         ("Adapter findings", (adapter.get("check") or {}).get("findings"))):
+        if found:                   # as the page shows them: the run's flags, the adapter check's findings
+            lines += ["", f"{title}:", ""]
+            lines += [f"- **{f.get('severity')}** `{f.get('code')}`: {f.get('message')}" for f in found]
     return "\n".join(lines) + "\n"

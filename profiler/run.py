@@ -450,21 +450,12 @@ def weight_section(base_source, merged_dir, adapter_source, quiet: bool, target_
 
 # --- run directories ------------------------------------------------------------------------
 
-def _sha256(path) -> str:
-    import hashlib
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def write_run(out: Any, *, command: str, profile: Profile | None = None,
               comparison: Comparison | None = None, render: bool = True, seed: int = 0) -> Any:
     """Write a run directory atomically: JSON + npz, run.json with hashes, summary and report."""
     from pathlib import Path
 
-    from .io import atomic_dir, check_run_dir
+    from .io import atomic_dir, check_run_dir, sha256
     from .profiles import versions, write_json
     from .results import dumps
 
@@ -481,7 +472,7 @@ def write_run(out: Any, *, command: str, profile: Profile | None = None,
             kind = "single"
         else:
             raise ValueError("write_run needs a profile or a comparison")
-        files = {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+        files = {str(p.relative_to(tmp)): sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         write_json(tmp / "run.json", {"kind": kind, "command": command, "versions": versions(),
                                       "files": files, "seed": seed})
         from .report import render_report, summary_markdown

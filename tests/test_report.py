@@ -172,9 +172,9 @@ def test_summary_markdown_pair(runs: dict[str, Path]) -> None:
     diff = json.loads((runs["pair"] / "diff.json").read_text())
     n = len(diff["heads"])
     assert "REGRESSION" in text
-    assert f"{diff['model_dgamma']:+.3f}" in text
+    assert f"{diff['model_dgamma']:+.4f}" in text
     lo, hi = diff["model_dgamma_ci"]
-    assert f"[{lo:.3f}, {hi:.3f}]" in text
+    assert f"[{lo:+.4f}, {hi:+.4f}]" in text
     assert f"shifted heads: {diff['shifted_heads']}/{n}" in text
     assert f"regime flips: {diff['regime_flips']}/{n}" in text
     assert "model.layers.1.mlp.down_proj.weight" in text
@@ -195,12 +195,30 @@ def test_not_a_run_directory(tmp_path: Path) -> None:
         assert "\n" not in str(err.value) and str(path) in str(err.value)
     bad = write_run(tmp_path / "bad", kind="single")
     (bad / "profile.json").write_text("{not json", encoding="utf-8")
+    with pytest.raises(AttnprofError, match="profile.json no longer matches the SHA-256 recorded in run.json"):
+        load_run(bad)
+    run_json = json.loads((bad / "run.json").read_text())
+    del run_json["files"]                                    # a run.json without hashes: the JSON itself
+    (bad / "run.json").write_text(json.dumps(run_json), encoding="utf-8")
     with pytest.raises(AttnprofError, match="not valid JSON"):
         load_run(bad)
     (bad / "profile.json").unlink()
     with pytest.raises(AttnprofError, match="missing profile.json"):
         load_run(bad)
     assert not (bad / "index.html").exists()
+
+
+def test_a_run_edited_after_it_was_written_is_not_rendered(tmp_path: Path) -> None:
+    """The footer lists run.json's hashes as the page's provenance: a diff.json edited since (here
+    the verdict) must be refused, and the report already there left as it was."""
+    run = write_run(tmp_path / "r", kind="pair")
+    page = render_report(run).read_text(encoding="utf-8")
+    diff = json.loads((run / "diff.json").read_text())
+    diff["verdict"] = "pass" if diff["verdict"] == "regression" else "regression"
+    (run / "diff.json").write_text(json.dumps(diff), encoding="utf-8")
+    with pytest.raises(AttnprofError, match=r"diff.json no longer matches .* re-run the profile"):
+        render_report(run)
+    assert (run / "index.html").read_text(encoding="utf-8") == page
 
 
 def test_large_model_without_weights_or_adapter(tmp_path: Path) -> None:
@@ -241,6 +259,14 @@ def test_plot_functions_take_plain_data(runs: dict[str, Path]) -> None:
     assert re.fullmatch(r"[a-z_]+\.png", report.figure_specs(data)[-1].filename)
 
 
+def _rehash(run: Path) -> None:
+    """Record the files' current hashes in run.json, as if the run had been written so."""
+    from profiler.io import sha256
+    meta = json.loads((run / "run.json").read_text())
+    meta["files"] = {name: sha256(run / name) for name in meta["files"]}
+    (run / "run.json").write_text(json.dumps(meta), encoding="utf-8")
+
+
 def test_sparse_distance_axis_is_used(tmp_path: Path) -> None:
     """curves.npz may carry `distances` (e.g. the anchor estimator's 9 distances)."""
     run = write_run(tmp_path / "anchor", kind="single")
@@ -249,6 +275,7 @@ def test_sparse_distance_axis_is_used(tmp_path: Path) -> None:
     keep = np.array([10, 20, 30, 50, 100, 150, 190])
     np.savez_compressed(run / "curves.npz", **{**arrays, "A": arrays["A"][..., keep],
                                                "distances": keep})
+    _rehash(run)
     data = load_run(run)
     assert data.primary.distances.tolist() == keep.tolist()
     fig = plots.plot_model_decay({"model": (data.primary.profile, data.primary.A, keep)})
@@ -256,5 +283,6 @@ def test_sparse_distance_axis_is_used(tmp_path: Path) -> None:
     assert list(x) == keep.tolist()
     render_report(run)
     np.savez_compressed(run / "curves.npz", **{**arrays, "distances": keep})
+    _rehash(run)
     with pytest.raises(AttnprofError, match="distances"):
         load_run(run)
