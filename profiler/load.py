@@ -204,13 +204,17 @@ def load_model(spec: str | ModelSource, *, attn_implementation: str, device: str
     if source.kind == "gguf":
         kwargs["gguf_file"] = source.path.name
     try:
-        model = AutoModelForCausalLM.from_pretrained(source.path.parent if source.kind == "gguf"
-                                                     else source.path, **kwargs)
+        model, loading = AutoModelForCausalLM.from_pretrained(source.path.parent if source.kind == "gguf"
+                                                              else source.path, output_loading_info=True, **kwargs)
     except AttnprofError:
         raise
     except Exception as exc:
         reason = first_line(exc)
         raise AttnprofError(f"{source.spec}: cannot load the model ({reason})") from None
+    missing = sorted(loading.get("missing_keys") or [])
+    if missing:            # transformers would fill them with random values: a different model
+        raise AttnprofError(f"{source.spec}: {len(missing)} weight(s) missing from the checkpoint "
+                            f"({', '.join(missing[:3])}{', …' if len(missing) > 3 else ''})")
     if quant is None and not device_map:
         model = model.to(device)
     model.eval()

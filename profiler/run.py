@@ -18,7 +18,7 @@ from . import capture as cap
 from . import rules
 from .errors import AttnprofError
 from .load import LoadedModel, load_model
-from .probes import DEFAULT_SUITE, ProbeSet, build_probes, fingerprint
+from .probes import DEFAULT_SUITE, MIN_PROBE_LENGTH, ProbeSet, build_probes, fingerprint
 from .profiles import FitSetup, Profile, build_profile
 
 DEFAULT_LENGTH = 2048
@@ -111,15 +111,15 @@ def quieted(quiet: bool = True) -> Iterator[None]:
 
 
 MIN_PROBES_FOR_CI = 4
-MIN_LENGTH = rules.FIT_D_MIN + rules.FIT_SINK_MARGIN + 2      # T − W − 8 > 16 with W = 1
+MIN_LENGTH = max(MIN_PROBE_LENGTH, rules.FIT_D_MIN + rules.FIT_SINK_MARGIN + 2)   # T − W − 8 > 16 with W ≥ 1
 
 
 def resolve_length(requested: int | None, max_positions: int | None, allow_truncate: bool) -> int:
     """The probe length: the default is capped at max positions with a warning; an explicit length
     above max positions is refused unless allow_truncate."""
     if requested is not None and requested < MIN_LENGTH:
-        raise AttnprofError(f"--length {requested}: probes need at least {MIN_LENGTH} tokens, so that the fit "
-                            f"has distances from {rules.FIT_D_MIN} to T − W − {rules.FIT_SINK_MARGIN}")
+        raise AttnprofError(f"--length {requested}: probes need at least {MIN_LENGTH} tokens (the fit needs "
+                            f"distances from {rules.FIT_D_MIN} to T − W − {rules.FIT_SINK_MARGIN})")
     if requested is None:
         if max_positions and max_positions < DEFAULT_LENGTH:
             warnings.warn(f"probe length capped at the model's max positions ({max_positions})")

@@ -145,6 +145,19 @@ def test_corrupt_safetensors(tiny_dir, tmp_path, capsys, damage):
     assert "model.safetensors" in line and "corrupt" in line
 
 
+def test_checkpoint_missing_weights_is_refused(tiny_dir, tmp_path, capsys):
+    """A checkpoint that lacks some of the model's weights is not the model: transformers would fill
+    them with random values and the profile would change from run to run."""
+    from safetensors.torch import load_file, save_file
+    d = tmp_path / "partial"
+    shutil.copytree(tiny_dir, d)
+    tensors = load_file(d / "model.safetensors")
+    save_file({k: v for k, v in tensors.items() if "layers.1." not in k}, d / "model.safetensors",
+              metadata={"format": "pt"})
+    line = one_error_line(*run_cli(["profile", d, *FAST], capsys)[::2])
+    assert "weight(s) missing from the checkpoint (model.layers.1." in line
+
+
 def test_nan_in_attention(tmp_path, capsys):
     """A checkpoint whose layer-1 query weights hold a NaN: one line naming the layer, exit 2,
     and no run directory left behind."""
@@ -216,7 +229,7 @@ def test_a_threshold_that_would_turn_the_gate_off_is_refused(capsys, option, val
     (["--window", "0"], "--window 0: the tail window must hold at least 1"),
     (["--window", "128"], "fewer than the probe length's 128 queries"),
     (["--window", "110"], "--window 110 at probe length 128 leaves the fit no distances"),
-    (["--length", "1"], "--length 1: probes need at least 26 tokens"),
+    (["--length", "1"], "--length 1: probes need at least 32 tokens"),
     (["--estimator", "taf", "--window", "10"], "--window does not apply to --estimator taf"),
     (["--seed", "-1"], "--seed -1: the seed must be ≥ 0"),
     (["vs", "SELF", "--targets", "q_projj,v_porj"], "target modules q_projj, v_porj name no weight"),

@@ -50,3 +50,44 @@ def test_bad_suites():
         build_probes("wikipedia", tiny_tokenizer(), 64, 1, 0)
     with pytest.raises(AttnprofError, match="empty probe suite"):
         split_suite(" , ")
+
+
+def test_random_probes_avoid_added_special_tokens_too():
+    """Reserved tokens added as special (SmolLM2's <repo_name>, <issue_start>...) are not in
+    all_special_ids but are special all the same: random probes must not draw them."""
+    tok = tiny_tokenizer()
+    tok.add_tokens(["<reserved_a>", "<reserved_b>"], special_tokens=True)
+    reserved = set(tok.convert_tokens_to_ids(["<reserved_a>", "<reserved_b>"]))
+    assert not reserved & set(tok.all_special_ids)
+    p = build_probes("random", tok, 4096, 4, seed=0)
+    assert not reserved & set(p.input_ids.ravel().tolist())
+
+
+def test_jsonl_fields_must_be_text(tmp_path):
+    """null or a number is not text (it would become "None"); a UTF-8 BOM is not part of the JSON."""
+    lines = "\n".join('{"text": "%s"}' % ("word " * 40) for _ in range(20))
+    (tmp_path / "bom.jsonl").write_text("\ufeff" + lines, encoding="utf-8")
+    assert build_probes(f"jsonl:{tmp_path / 'bom.jsonl'}:text", tiny_tokenizer(), 64, 1, 0).input_ids.shape == (1, 64)
+    (tmp_path / "nulls.jsonl").write_text(lines + '\n{"text": null}\n', encoding="utf-8")
+    with pytest.raises(AttnprofError, match=r"nulls.jsonl:21: field 'text' is null, not a string"):
+        build_probes(f"jsonl:{tmp_path / 'nulls.jsonl'}:text", tiny_tokenizer(), 64, 1, 0)
+
+
+def test_tokenizers_are_compared_on_the_whole_probe_and_only_there(tmp_path):
+    """A tokenizer that differs only late in a probe (lowercasing text that starts 800 tokens in)
+    is refused; one that only adds a token the probes never use is not."""
+    from tokenizers import normalizers
+
+    from profiler.probes import ProbeSet, tokenizers_agree
+    base = tiny_tokenizer()
+    lower_part = "the quick brown fox " * 40
+    upper_at = len(base(lower_part, add_special_tokens=False)["input_ids"])
+    ids = base(lower_part + "THE QUICK BROWN FOX " * 100, add_special_tokens=False)["input_ids"][:1024]
+    assert 512 < upper_at < len(ids) == 1024
+    probes = ProbeSet("file:late.txt", 1024, 1, 0, np.array([ids]), ("file:late.txt",))
+    lower = tiny_tokenizer()
+    lower.backend_tokenizer.normalizer = normalizers.Lowercase()
+    assert "tokenises differently" in tokenizers_agree(base, lower, probes)
+    padded = tiny_tokenizer()
+    padded.add_tokens(["<pad>"], special_tokens=True)
+    assert tokenizers_agree(base, padded, build_probes("random,text:stdlib", base, 256, 4, 0)) is None
