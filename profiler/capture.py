@@ -23,7 +23,7 @@ import ctypes
 import functools
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, TypeVar
 
 import numpy as np
 import torch
@@ -31,6 +31,7 @@ import torch
 from . import rules
 from .errors import AttnprofError
 
+RunOutput = TypeVar("RunOutput")         # what the capture loop run by _with_fallback returns
 ATTN_NAME = "attnprof"
 HEAD_BLOCK_BYTES = 64 * 2**20     # scores of one head block stay under this
 BATCH_BYTES = 256 * 2**20         # the layers' copies kept for one batched kernel launch stay under this
@@ -51,6 +52,13 @@ def limit_heap_growth() -> bool:
         return bool(libc.mallopt(-3, 1 << 20))          # M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         return False
+
+
+def check_window(window: int, length: int, option: str = "window") -> None:
+    """Refuse a tail window that does not fit the probe: at least 1 query and fewer than T."""
+    if not 1 <= window < length:
+        raise AttnprofError(f"{option} {window}: the tail window must hold at least 1 and fewer than the "
+                            f"probe length's {length} queries")
 
 
 def default_window(length: int) -> int:
@@ -583,9 +591,7 @@ def capture(model: torch.nn.Module, input_ids: np.ndarray, *, window: int, estim
     """
     if estimator not in ("tail", "dense"):
         raise AttnprofError(f"estimator {estimator!r} is not a streaming estimator")
-    if not 1 <= window < input_ids.shape[1]:
-        raise AttnprofError(f"window {window}: the tail window must hold at least 1 and fewer than the "
-                            f"probe length's {input_ids.shape[1]} queries")
+    check_window(window, input_ids.shape[1])
     limit_heap_growth()
     num_layers = model.config.get_text_config().num_hidden_layers
     device = input_device(model)
@@ -615,8 +621,8 @@ def _record_forward(model: torch.nn.Module, ids: torch.Tensor, rec: Recorder, pa
     return rec.finish()
 
 
-def _with_fallback(model: torch.nn.Module, path: str, estimator: str, run: Callable[[str], list]
-                   ) -> tuple[list, str]:
+def _with_fallback(model: torch.nn.Module, path: str, estimator: str, run: Callable[[str], RunOutput]
+                   ) -> tuple[RunOutput, str]:
     """(`run(path)`, path); where the model's attention cannot go through the "attnprof" function
     (softcapping, attention sinks, attention computed in place such as ALiBi's), switch the model to
     eager attention and run again through hooks on it, which read the weights it returns."""
@@ -662,7 +668,7 @@ def capture_taf(model: torch.nn.Module, input_ids: np.ndarray, *,
     num_layers = model.config.get_text_config().num_hidden_layers
     device = input_device(model)
 
-    def run(path: str) -> list[dict[str, list[np.ndarray]]]:
+    def run(path: str) -> dict[str, list[np.ndarray]]:
         per_probe = {f: [] for f in STAT_FIELDS}
         for row in input_ids:
             columns, last = [], None
@@ -675,7 +681,7 @@ def capture_taf(model: torch.nn.Module, input_ids: np.ndarray, *,
             per_probe["A"].append(np.stack(columns, axis=-1))
             for f in STAT_FIELDS[1:]:          # from the longest prompt
                 per_probe[f].append(last[f])
-        return [per_probe]
+        return per_probe
 
-    runs, path = _with_fallback(model, "stream", "taf", run)
-    return Capture(distances=np.asarray(usable), path=path, **{f: np.concatenate(v) for f, v in runs[0].items()})
+    per_probe, path = _with_fallback(model, "stream", "taf", run)
+    return Capture(distances=np.asarray(usable), path=path, **{f: np.concatenate(v) for f, v in per_probe.items()})

@@ -147,8 +147,9 @@ def dense_profile_reference(query: torch.Tensor, key: torch.Tensor, scaling: flo
             visible_keys = torch.clamp(i + 1, max=window).to(torch.float32)
         else:
             hidden = hidden | ~_mask_block(mask, start, end, first_key, groups)
-            visible_keys = (~hidden).sum(-1, keepdim=True).to(torch.float32)
-            counts[..., :span] += _by_distance((~hidden).to(torch.float32).expand_as(scores))
+            visible = (~hidden).to(torch.float32)
+            visible_keys = visible.sum(-1, keepdim=True)
+            counts[..., :span] += _by_distance(visible.expand_as(scores))
         scores.masked_fill_(hidden, float("-inf"))
         # a row that sees no key (possible only with a mask) gets weight 0, not NaN
         row_max = scores.amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).min)
@@ -157,16 +158,16 @@ def dense_profile_reference(query: torch.Tensor, key: torch.Tensor, scaling: flo
         weights.mul_(visible_keys / weights.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny))
         sums[..., :span] += _by_distance(weights)
     if counts is None:
-        return _fill_unseen(_finish(sums.flatten(1, 2), window), window, empty)
+        return _fill_unseen(_finish(sums.flatten(1, 2), window), sliding_window, empty)
     sums, counts = sums.flatten(1, 2), counts.flatten(1, 2)
     return torch.where(counts > 0, sums / counts.clamp_min(1.0), empty)
 
 
-def _fill_unseen(profile: torch.Tensor, window: int, empty: float) -> torch.Tensor:
+def _fill_unseen(profile: torch.Tensor, sliding_window: int | None, empty: float) -> torch.Tensor:
     """Put `empty` at the distances no query sees (d ≥ sliding window), NaN by `_finish`."""
-    if math.isnan(empty) or window >= profile.shape[-1]:
+    if math.isnan(empty) or sliding_window is None or sliding_window >= profile.shape[-1]:
         return profile
-    return profile.masked_fill(dense_counts(profile.shape[-1], window, device=profile.device) == 0, empty)
+    return profile.masked_fill(dense_counts(profile.shape[-1], sliding_window, device=profile.device) == 0, empty)
 
 
 def _by_distance(block: torch.Tensor) -> torch.Tensor:
@@ -481,7 +482,6 @@ def dense_profile(query: torch.Tensor, key: torch.Tensor, scaling: float | None,
             raise ValueError("the Triton kernels take no mask (causal attention and sliding windows only)")
         return dense_profile_reference(query, key, scaling, sliding_window, mask=mask, empty=empty)
     if backend == "triton" or backend == "auto" and query.is_cuda and triton_available():
-        window = _check_inputs(query, key, sliding_window)
         return _fill_unseen(dense_profile_triton(query, key, scaling, sliding_window, logsumexp=logsumexp),
-                            window, empty)
+                            sliding_window, empty)
     return dense_profile_reference(query, key, scaling, sliding_window, empty=empty)

@@ -84,7 +84,6 @@ class FigureSpec:
     exact_colours: bool = False           # a continuous colour scale carries data: no palette
 
 
-
 # --- loading ---------------------------------------------------------------------------------
 
 def _read_json(path: Path) -> Any:
@@ -128,10 +127,11 @@ def _load_model(folder: Path, role: str) -> ModelData:
     return ModelData(role=role, profile=profile, A=A, arrays=curves, input_ids=ids)
 
 
-def load_run(run_dir: str | Path) -> RunData:
+def load_run(run_dir: str | Path, verify: bool = True) -> RunData:
     """Load a run directory (single or pair) written by `attnprof profile`.
 
-    Raises AttnprofError with a one-line reason when the directory is not a readable run.
+    Raises AttnprofError with a one-line reason when the directory is not a readable run, or
+    (`verify`) when a file no longer matches the hash run.json recorded for it.
     """
     root = Path(run_dir)
     if not root.is_dir():
@@ -139,7 +139,7 @@ def load_run(run_dir: str | Path) -> RunData:
     run = _read_json(root / "run.json") if (root / "run.json").is_file() else {}
     if not isinstance(run, dict):
         raise AttnprofError(f"{root / 'run.json'}: expected a JSON object")
-    edited = changed_since_run(root, run.get("files") or {})
+    edited = changed_since_run(root, run.get("files") or {}) if verify else []
     if edited:
         raise AttnprofError(f"{root}: {', '.join(edited)} no longer match{'es' if len(edited) == 1 else ''} "
                             "the SHA-256 recorded in run.json (edited after the run?); re-run the profile")
@@ -643,13 +643,14 @@ def _template(name: str) -> str:
 
 # --- public entry points ---------------------------------------------------------------------
 
-def render_report(run_dir: str | Path) -> Path:
-    """Re-render RUN_DIR/figures/*.png and RUN_DIR/index.html from the stored files.
+def render_report(run: str | Path | RunData) -> Path:
+    """Re-render RUN_DIR/figures/*.png and RUN_DIR/index.html from the stored files (or from a
+    run already loaded).
 
     Everything is drawn in memory first; the figures folder is then replaced whole and the page
     written atomically, so a failure leaves the previous report untouched. Returns index.html.
     """
-    data = load_run(run_dir)
+    data = run if isinstance(run, RunData) else load_run(run)
     figures = render_figures(data)
     page = build_html(data, figures)
     with atomic_dir(data.run_dir / FIGURES_DIR) as tmp:

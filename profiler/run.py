@@ -151,9 +151,7 @@ def resolve_window(options: ProfileOptions, length: int) -> int:
             raise AttnprofError("--window does not apply to --estimator taf (its fit uses the last query only)")
         return 1
     window = cap.default_window(length) if options.window is None else options.window
-    if not 1 <= window < length:
-        raise AttnprofError(f"--window {window}: the tail window must hold at least 1 and fewer than the "
-                            f"probe length's {length} queries")
+    cap.check_window(window, length, "--window")
     farthest = length - window - rules.FIT_SINK_MARGIN
     if farthest <= rules.FIT_D_MIN:
         given = options.window is not None
@@ -319,6 +317,7 @@ def compare(base: str, merged: str, options: ProfileOptions | None = None,
     if options is not None and option_fields:
         raise AttnprofError("compare(): give ProfileOptions or its fields as keywords, not both")
     options = options or ProfileOptions(**option_fields)
+    from pathlib import Path
     with quieted(options.quiet), contextlib.ExitStack() as cleanup:
         temporary = workdir is None
         if temporary:
@@ -326,7 +325,7 @@ def compare(base: str, merged: str, options: ProfileOptions | None = None,
             workdir = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="attnprof-merge-"))
         result = _compare(base, merged, options, thresholds, merged_options, workdir, with_weights,
                           base_profile, target_modules, adapter_rank)
-        if temporary and result.merged_dir is not None and str(result.merged_dir).startswith(str(workdir)):
+        if temporary and result.merged_dir is not None and Path(result.merged_dir).is_relative_to(workdir):
             result.merged_dir = None
         return result
 
@@ -453,8 +452,6 @@ def weight_section(base_source, merged_dir, adapter_source, quiet: bool, target_
 def write_run(out: Any, *, command: str, profile: Profile | None = None,
               comparison: Comparison | None = None, render: bool = True, seed: int = 0) -> Any:
     """Write a run directory atomically: JSON + npz, run.json with hashes, summary and report."""
-    from pathlib import Path
-
     from .io import atomic_dir, check_run_dir, sha256
     from .profiles import versions, write_json
     from .results import dumps
@@ -475,8 +472,9 @@ def write_run(out: Any, *, command: str, profile: Profile | None = None,
         files = {str(p.relative_to(tmp)): sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         write_json(tmp / "run.json", {"kind": kind, "command": command, "versions": versions(),
                                       "files": files, "seed": seed})
-        from .report import render_report, summary_markdown
-        (tmp / "summary.md").write_text(summary_markdown(tmp), encoding="utf-8")   # for CI logs
+        from .report import load_run, render_report, summary_markdown
+        data = load_run(tmp, verify=False)          # its files were hashed a moment ago
+        (tmp / "summary.md").write_text(summary_markdown(data), encoding="utf-8")   # for CI logs
         if render:
-            render_report(tmp)
+            render_report(data)
     return out

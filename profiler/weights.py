@@ -876,6 +876,7 @@ def diff_weights(base_dir: str | Path, merged_dir: str | Path, *, adapter_dir: s
     if tied_embedding is not None and adapter is None and target_modules is not None:
         targets.tied[_module_of(tied_embedding)[0]] = "lm_head"
 
+    saved_whole = {n for n in common if targets.saved_whole(n)}     # modules_to_save: no rank expected
     advance, close = _progress_callback(progress, len(common))
     tensors: list[TensorDiff] = []
     adapter_misfit: list[str] = []
@@ -885,7 +886,7 @@ def diff_weights(base_dir: str | Path, merged_dir: str | Path, *, adapter_dir: s
             for i, name in enumerate(common):
                 ib, im = base_cat[name], merged_cat[name]
                 ad = adapter.delta(adapter_plan[name], adapter_handle, ib.shape) if name in adapter_plan else None
-                told = None if targets.saved_whole(name) else adapter_rank
+                told = None if name in saved_whole else adapter_rank
                 td, fits = _diff_pair(name, ib, im, targets(name, len(ib.shape)), ad, told, top_k)
                 if not fits:
                     adapter_misfit.append(ad.module)
@@ -895,7 +896,7 @@ def diff_weights(base_dir: str | Path, merged_dir: str | Path, *, adapter_dir: s
         close()
 
     flags = _flags(tensors, missing, extra, tied, adapter, adapter_missing, adapter_misfit,
-                   adapter_rank, targets.known, {n for n in common if targets.saved_whole(n)})
+                   adapter_rank, targets.known, saved_whole)
     ranks = [t.signal_rank for t in tensors if t.signal_rank is not None]
     rels = [t.rel_norm for t in tensors if t.rel_norm is not None]
     return WeightDiff(
